@@ -170,19 +170,21 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 # never overflow. The chunk ends are then combined by the same scan, recursively, on a sequence SCAN_CHUNK
 # times shorter, and each chunk is corrected with its incoming state. Work is O(L log SCAN_CHUNK), a
 # handful of full-size tensor passes, so it is fast in PyTorch on CPU and GPU.
-# Memory: the autograd.Function below saves only its inputs and recomputes the states in backward, where
-# the gradient is the same kind of scan run backwards in time (the adjoint recurrence), so no per-step graph
-# is ever stored.
+# Memory: the autograd.Function below saves its inputs plus the states h and the softplus'ed delta (fp32), so
+# backward skips a second forward scan; the gradient is the same kind of scan run backwards in time (the
+# adjoint recurrence), so no per-step autograd graph is ever stored.
 
 SCAN_CHUNK = 16  # tokens per chunk; 8..64 are within noise of each other on CPU at L = 3136
 
 
-def _hillis_steele(a, x, reverse=False):
+def _hillis_steele(a, x, reverse=False, inplace=False):
     """Inclusive scan of affine maps along the last axis: returns (prod_{s<=t} a_s, h_t from h_{-1} = 0).
 
     reverse=True runs right to left instead: h_t = a_t * h_{t+1} + x_t, products over s >= t.
+    inplace=True overwrites a and x (the caller owns them), saving two full-size copies.
     """
-    a, x = a.clone(), x.clone()
+    if not inplace:
+        a, x = a.clone(), x.clone()
     T = a.shape[-1]
     step = 1
     while step < T:
@@ -197,22 +199,24 @@ def _hillis_steele(a, x, reverse=False):
     return a, x
 
 
-def _linear_scan(a, x, reverse=False, chunk=SCAN_CHUNK):
+def _linear_scan(a, x, reverse=False, chunk=SCAN_CHUNK, inplace=False):
     """h_t = a_t * h_{t-1} + x_t along the last axis with h_{-1} = 0; a, x (..., L) -> h (..., L).
 
     reverse=True: h_t = a_t * h_{t+1} + x_t with h_L = 0 (the adjoint recurrence of backward).
+    inplace=True: a and x are temporaries of the caller's and may be overwritten (no defensive copies).
     """
     L = a.shape[-1]
     if L <= chunk:
-        return _hillis_steele(a, x, reverse)[1]
+        return _hillis_steele(a, x, reverse, inplace)[1]
     nc = -(-L // chunk)                                               # number of chunks
     pad = nc * chunk - L
     if pad:  # padding maps (a = 1, x = 0) at the end change no earlier state (and give 0 in reverse)
         a = F.pad(a, (0, pad), value=1.0)                             # (..., nc*chunk)
         x = F.pad(x, (0, pad))                                        # (..., nc*chunk)
+        inplace = True                                                # F.pad made fresh tensors we own
     a = a.reshape(*a.shape[:-1], nc, chunk)                           # (..., nc, chunk)
     x = x.reshape(*x.shape[:-1], nc, chunk)                           # (..., nc, chunk)
-    decay, h_local = _hillis_steele(a, x, reverse)                    # (..., nc, chunk) each, from zero state
+    decay, h_local = _hillis_steele(a, x, reverse, inplace)           # (..., nc, chunk) each, from zero state
     # the true state at each chunk's last step: the same recurrence over chunk ends, nc times shorter
     last = 0 if reverse else -1  # in reverse the "last" step of a chunk is its first position
     h_end = _linear_scan(decay[..., last], h_local[..., last], reverse, chunk)  # (..., nc)
@@ -258,7 +262,7 @@ class _ChunkedScan(torch.autograd.Function):
         with torch.no_grad():
             dt = _scan_dt(delta, delta_bias, delta_softplus)          # (B, KD, L)
             _, u5, A5, B5, a, x = _scan_inputs(u, dt, A, B, G)
-            h = _linear_scan(a, x)                                    # (B, G, H, N, L) the states h_t
+            h = _linear_scan(a, x, inplace=True)  # (B, G, H, N, L) the states h_t (a, x are ours to overwrite)
             y = (h * C.to(h.dtype)[:, :, None]).sum(3)                # (B, G, H, L)   C_t . h_t
             y = y.reshape(Bsz, KD, L)                                 # (B, KD, L)
             if D is not None:
@@ -283,7 +287,7 @@ class _ChunkedScan(torch.autograd.Function):
             dC = (dy5 * h).sum(2)                                     # (B, G, N, L) summed over the group
             # adjoint g_t = dLoss/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1}: the same scan, backwards in time
             a_next = F.pad(a[..., 1:], (0, 1))                        # (B, G, H, N, L) a_{t+1}, 0 past the end
-            g = _linear_scan(a_next, dy5 * C5, reverse=True)          # (B, G, H, N, L)
+            g = _linear_scan(a_next, dy5 * C5, reverse=True, inplace=True)  # (B, G, H, N, L)
             del a_next
             # h_t = a_t h_{t-1} + x_t, so dLoss/d(delta_t A) = g_t * a_t h_{t-1} = g_t * (h_t - x_t)
             dz = g * (h - x)                                          # (B, G, H, N, L)
