@@ -26,7 +26,7 @@ What each part implements (paper.md is ../shared/reference/paper.md)
   single most common box, and the spread of predicted box centres relative to the ground truth's.
 - Similarity maps (paper.md §5, method not published, so ours is defined in `similarity_map`): cosine similarity
   between the mean LLM hidden state of the referring expression's tokens and each visual token's hidden state,
-  at one LLM layer, drawn over the image; sharpness = share of positive similarity mass inside the GT box.
+  at one LLM layer, drawn over the image; sharpness = share of the above-mean similarity mass inside the GT box.
 
 Glossary (shape letters used in the comments)
     B   batch size (examples per generate call)
@@ -376,9 +376,11 @@ def _score_answer(metric, prediction, ex, gt_box):
 #      like BPE's '"t', counts, since it carries part of the expression).
 #   4. Map = cosine similarity between the expression vector and each of the P visual tokens, reshaped to the
 #      encoder's h x w grid (row-major, like both encoders emit their tokens).
-# Sharpness = the share of the positive similarity mass that falls inside the ground-truth box (each cell
-# weighted by the fraction of its area inside the box). A map that ignores the image scores about the box's
-# area fraction, which we report beside it as the chance level.
+# Sharpness = the share of the map's mass ABOVE ITS OWN MEAN that falls inside the ground-truth box (each cell
+# weighted by the fraction of its area inside the box). Measuring against the map's mean, not against 0, keeps
+# the number defined when every cosine is negative (common in a small LLM, where the expression and the patches
+# live in different directions): what matters is where the map is relatively high. A map that ignores the image
+# scores about the box's area fraction, which we report beside it as the chance level.
 
 
 def _token_positions(tokenizer, prompt, substring):
@@ -432,9 +434,9 @@ def similarity_map(vlm, tokenizer, pixel_values, question, expression, layer=Non
 
 
 def mass_in_box(sim, box):
-    """Share of the positive similarity mass of an (h, w) map inside a normalized xyxy box (0 if none > 0)."""
+    """Share of an (h, w) map's mass above its mean that lies inside a normalized xyxy box (0 for a flat map)."""
     h, w = sim.shape
-    pos = sim.clamp(min=0).double()                                            # (h, w)
+    pos = (sim.double() - sim.double().mean()).clamp(min=0)                   # (h, w) excess over the mean
     ys = torch.arange(h, dtype=torch.float64)
     xs = torch.arange(w, dtype=torch.float64)
     # fraction of each cell's extent inside the box, per axis; the cell (i, j) covers [j/w, (j+1)/w] x [i/h, ...]

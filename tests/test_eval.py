@@ -404,11 +404,15 @@ def test_jsonl_error_names_the_line(tmp_path):
 
 
 def test_mass_in_box_hand_computed():
-    sim = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
-    assert ev.mass_in_box(sim, (0.0, 0.0, 0.5, 0.5)) == pytest.approx(0.5)     # one of two positive cells
+    sim = torch.tensor([[1.0, 1.0], [0.0, -2.0]])                              # mean 0: excess 1, 1, 0, 0
+    assert ev.mass_in_box(sim, (0.0, 0.0, 0.5, 0.5)) == pytest.approx(0.5)     # one of two above-mean cells
     assert ev.mass_in_box(sim, (0.0, 0.0, 0.75, 0.5)) == pytest.approx(0.75)   # plus half of the second
-    assert ev.mass_in_box(sim, (0.0, 0.5, 1.0, 1.0)) == 0.0                    # only zero / negative cells
-    assert ev.mass_in_box(-sim.abs(), (0.0, 0.0, 1.0, 1.0)) == 0.0             # no positive mass at all
+    assert ev.mass_in_box(sim, (0.0, 0.5, 1.0, 1.0)) == 0.0                    # only cells at / below the mean
+    # all cosines negative: still defined, by the excess over the mean
+    neg = torch.tensor([[-0.1, -0.3], [-0.3, -0.5]])                           # mean -0.3: excess 0.2, 0, 0, 0
+    assert ev.mass_in_box(neg, (0.0, 0.0, 0.5, 0.5)) == pytest.approx(1.0)
+    assert ev.mass_in_box(neg, (0.5, 0.5, 1.0, 1.0)) == 0.0
+    assert ev.mass_in_box(torch.full((2, 2), -0.4), (0.0, 0.0, 1.0, 1.0)) == 0.0  # a flat map has no mass
 
 
 def test_expression_token_positions(tok):
