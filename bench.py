@@ -294,9 +294,9 @@ def bench_scan(argv):
     ap.add_argument("--stages", default="1,2,3,4", help="comma list of VMamba-T (s2l5) stages")
     ap.add_argument("--backends", default=None, help="default: ref,chunked (+cuda with --device cuda)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch.set_num_threads (0 = torch's default). 1 by default: the ref loop is Python-bound "
-                         "and cannot use threads, and on a shared CPU extra threads mostly measure contention")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads (0 = torch's default, all cores). Use 1 on a CPU shared with other "
+                         "jobs: there extra threads mostly measure contention (OpenMP barriers spin)")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: "backend,stage,batch"
     args = ap.parse_args(argv)
     if args.threads:
