@@ -28,6 +28,7 @@ Glossary: B micro-batch, T text tokens, P image tokens, C encoder width, D LLM w
 optimizer step) = B * accum * world_size.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -247,11 +248,10 @@ def load_encoder(kind, preset, path):
         sd = mod.load_checkpoint(path)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise TrainError(f"--encoder-ckpt {path}: {e}") from None
-    try:
-        check_state_dict(enc.state_dict(), sd, f"--encoder-ckpt {path} (preset {kind} {preset!r})")
+    try:  # the encoder's own strict load: renames legacy keys first, then raises the readable key diff
+        enc.load_state_dict(sd)
     except ValueError as e:
-        raise TrainError(str(e)) from None
-    enc.load_state_dict(sd)
+        raise TrainError(f"--encoder-ckpt {path} (preset {kind} {preset!r}): {e}") from None
     return enc
 
 
@@ -299,9 +299,10 @@ class Samples:
         return ids[: self.args.max_len], labels[: self.args.max_len]
 
 
+@functools.lru_cache(maxsize=2)  # one permutation per epoch, not one per sample (665K entries at paper scale)
 def sample_order(n, epoch, seed):
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 def indices_for_step(step, n, G, seed):

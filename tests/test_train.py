@@ -159,7 +159,7 @@ def test_bad_inputs_fail_with_one_clear_line(real_fixtures, tmp_path):
     from vit import ViT, CONFIGS
     small = ViT(replace(CONFIGS["toy"], depth=5))
     torch.save({"model": small.state_dict()}, str(tmp_path / "wrong.pth"))
-    cases.append(({"--encoder-ckpt": str(tmp_path / "wrong.pth")}, "missing (blocks.5."))
+    cases.append(({"--encoder-ckpt": str(tmp_path / "wrong.pth")}, "missing: blocks.5."))
     for over, msg in cases:  # in-process: train.py's __main__ prints exactly str(error) (see the NaN test's CLI)
         with pytest.raises((train.TrainError, ValueError, FileNotFoundError)) as e:
             train.main(_real_args(d, tmp_path / "x", **over))
