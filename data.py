@@ -263,27 +263,36 @@ def train_conversation(world, split, index, epoch, geometry="letterbox", image_s
     """A multi-turn training conversation for scene `index`, re-drawn every epoch (the image stays the same).
 
     Several questions per image amortise the image tokens and the system prompt over more supervised answers,
-    as LLaVA's multi-turn instruct data does. Roughly one turn in three is a grounding query.
+    as LLaVA's multi-turn instruct data does. Roughly two turns in five are grounding queries. No question is
+    asked twice in one conversation: a repeated question could be answered by copying the earlier answer from
+    the context instead of reading the image, so a scene with few distinct questions gets a shorter conversation.
     Returns (scene, turns [(question, answer), ...]).
     """
     scene = make_scene(world, split, index)
     rng = _rng(world, split, index, salt=100 + epoch)
-    vqa = vqa_questions(scene, rng)
-    ground = ground_questions(scene)
     frame = preprocess_frame(scene["size"], geometry, image_size)
+    pools = {}
+    for t, q, a in vqa_questions(scene, rng):
+        if t != "exists":
+            pools.setdefault(t, []).append((q, a))
+    # existence: every object ("yes") and as many absent (colour, shape) pairs ("no"), so yes/no stay balanced
+    objs = scene["objects"]
+    present = {(o["color"], o["shape"]) for o in objs}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    pools["exists"] = [(f"Is there a {c} {s}?", "yes") for c, s in sorted(present)]
+    pools["exists"] += [(f"Is there a {c} {s}?", "no") for c, s in
+                        (absent[i] for i in rng.permutation(len(absent))[: len(objs)])]
+    ground = [(q, format_box(project_box(box, frame))) for _, q, box in ground_questions(scene)]
     turns = []
-    for _ in range(n_turns):
-        if rng.random() < 0.4:
-            _, q, box = ground[rng.integers(len(ground))]
-            turns.append((q, format_box(project_box(box, frame))))
+    while len(turns) < n_turns:
+        types = sorted(t for t, pool in pools.items() if pool)
+        if ground and (rng.random() < 0.4 or not types):
+            pool = ground
+        elif types:
+            pool = pools[types[rng.integers(len(types))]]  # type first: rare types are not drowned by left/right
         else:
-            # pick the question type first, so rare types (colour/shape when unique) are not drowned by left/right
-            asked = {q for q, _ in turns}
-            fresh = [v for v in vqa if v[1] not in asked] or vqa   # no question twice in one conversation
-            types = sorted({t for t, _, _ in fresh})
-            t = types[rng.integers(len(types))]
-            pool = [(q, a) for tt, q, a in fresh if tt == t]
-            turns.append(pool[rng.integers(len(pool))])
+            break  # every distinct question of this scene has been asked
+        turns.append(pool.pop(int(rng.integers(len(pool)))))
     return scene, turns
 
 
@@ -298,17 +307,20 @@ def object_class(obj):
     return list(COLORS).index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
 
 
-def patch_labels(scene, frame, grid):
-    """Patch-level object classification: for a grid x grid token map of the model's input, the class of the
-    object whose box holds each cell's centre, else NUM_CLASSES (background). Returns a list of grid*grid ints,
-    row-major like the encoders' tokens."""
-    boxes = [(project_box(o["box"], frame), object_class(o)) for o in scene["objects"]]
-    out = []
+def patch_targets(scene, frame, grid):
+    """Dense targets for encoder pretraining on a grid x grid token map of the model's input (row-major like the
+    encoders' tokens): for each cell, the class of the object whose box holds the cell's centre, else NUM_CLASSES
+    (background), and that object's normalized box (x1, y1, x2, y2) in the model's frame (zeros on background).
+    Returns (labels: grid*grid ints, boxes: grid*grid 4-tuples)."""
+    objs = [(project_box(o["box"], frame), object_class(o)) for o in scene["objects"]]
+    labels, boxes = [], []
     for r in range(grid):
         for c in range(grid):
             x, y = (c + 0.5) / grid, (r + 0.5) / grid
-            out.append(next((k for (x1, y1, x2, y2), k in boxes if x1 <= x < x2 and y1 <= y < y2), NUM_CLASSES))
-    return out
+            hit = next(((b, k) for b, k in objs if b[0] <= x < b[2] and b[1] <= y < b[3]), None)
+            labels.append(NUM_CLASSES if hit is None else hit[1])
+            boxes.append((0.0, 0.0, 0.0, 0.0) if hit is None else hit[0])
+    return labels, boxes
 
 
 def world_texts():

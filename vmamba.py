@@ -443,10 +443,13 @@ CONFIGS = _Presets({
     "vmambav0_tiny_224": VMambaConfig(dims=96, depths=(2, 2, 9, 2), d_state=16, ssm_ratio=2.0, conv_bias=True,
                                       forward_type="v0", mlp_ratio=0.0, patchembed_version="v1",
                                       downsample_version="v1", drop_path_rate=0.2),
-    # CPU default of the project: v2-style, 128x128 images, stride 16 at stage 3 -> 8x8 = 64 tokens of 128
-    # channels. Three stages, not four: the VLM taps stage 3, and a fourth 256-wide stage would add ~1.1M
-    # parameters that nothing uses; with (2, 2, 5) blocks the total (1.29M with 32 classes) matches ViT toy's.
-    "toy": VMambaConfig(img_size=128, num_classes=32, dims=(32, 64, 128), depths=(2, 2, 5), drop_path_rate=0.0),
+    # CPU default of the project: v2v-style (ssm_ratio 1.0), 128x128 images, stride 16 at stage 3 -> 8x8 = 64
+    # tokens of 128 channels. Three stages, not four: the VLM taps stage 3, and a fourth 256-wide stage would add
+    # ~1.1M parameters that nothing uses. One block in each high-resolution stage and six at stride 16: the scan
+    # over 32x32 tokens is what costs on a CPU, and this layout trains 3x faster than (2, 2, 5) at ratio 2.0.
+    # 1.22M parameters with 32 classes, against ViT toy's 1.30M.
+    "toy": VMambaConfig(img_size=128, num_classes=32, dims=(32, 64, 128), depths=(1, 1, 6), ssm_ratio=1.0,
+                        drop_path_rate=0.0),
 })
 
 

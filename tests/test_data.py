@@ -96,3 +96,29 @@ def test_load_llava_valid_and_bad_inputs(tmp_path):
         data.load_llava(_write(tmp_path, missing))
     recs, skipped = data.load_llava(_write(tmp_path, missing), skip_missing_images=True)
     assert skipped == 1 and len(recs) == 2
+
+
+def test_training_conversations_never_repeat_a_question():
+    # a repeated question could be answered by copying the earlier answer from the context, not from the image
+    for i in range(30):
+        scene, turns = data.train_conversation(W0, "train", i, epoch=0, n_turns=12)
+        qs = [q for q, _ in turns]
+        assert len(qs) == len(set(qs)) and 1 <= len(qs) <= 12
+        names = {f"{o['color']} {o['shape']}" for o in scene["objects"]}
+        for q, a in turns:
+            if q.startswith("Is there a "):  # existence answers are true of the scene
+                assert a == ("yes" if q[len("Is there a "):-1] in names else "no"), (q, a)
+    lens = [len(data.train_conversation(W0, "train", i, 0, n_turns=12)[1]) for i in range(30)]
+    assert max(lens) == 12 and min(lens) < 12, "one-object scenes have fewer distinct questions than 12"
+    a = data.train_conversation(W0, "train", 3, epoch=0, n_turns=6)[1]
+    assert a == data.train_conversation(W0, "train", 3, epoch=0, n_turns=6)[1]   # deterministic
+    assert a != data.train_conversation(W0, "train", 3, epoch=1, n_turns=6)[1]   # re-drawn each epoch
+
+
+def test_patch_targets_label_cells_by_the_object_box():
+    scene = dict(objects=[dict(color="blue", shape="circle", box=(32.0, 0.0, 96.0, 64.0))], size=(128, 128))
+    frame = data.preprocess_frame((128, 128), "letterbox", 128)
+    labels, boxes = data.patch_targets(scene, frame, 4)  # cells of 32 px, centres at 16, 48, 80, 112
+    k = data.object_class(scene["objects"][0])
+    assert labels == [data.NUM_CLASSES, k, k, data.NUM_CLASSES] * 2 + [data.NUM_CLASSES] * 8
+    assert boxes[1] == (0.25, 0.0, 0.75, 0.5) and boxes[0] == (0.0, 0.0, 0.0, 0.0)

@@ -258,6 +258,6 @@ def test_bad_state_dict_lists_missing_unexpected_misshaped():
     msg = str(e.value)
     assert "2 missing: layers.0.blocks.0.op.Ds, classifier.head.bias" in msg
     assert "1 unexpected: layers.0.blocks.0.op.conv2d.bias" in msg
-    assert "1 mis-shaped: layers.1.blocks.0.op.A_logs: checkpoint (512, 2) vs model (512, 1)" in msg
+    assert "1 mis-shaped: layers.1.blocks.0.op.A_logs: checkpoint (512, 2) vs model (256, 1)" in msg
     with pytest.raises(FileNotFoundError, match="no_such.pth"):
         load_checkpoint("no_such.pth")
