@@ -12,7 +12,8 @@ Everything a VLM sample needs to be reproduced is here, without a model:
 - `format_box(box)`: "[x1, y1, x2, y2]", 2 decimals, Python float repr ("0.4", not "0.40"), LLaVA-v1.5's format.
 - The shapes world: Pillow scenes with 1-3 coloured shapes on a low-saturation gradient background, VQA questions
   (colour, shape, count, exists, left/right; one-word answers), RefCOCO-style grounding with the paper's exact
-  prompt, and an object-classification set for matched encoder pretraining (the toy stand-in for ImageNet-1K).
+  prompt, and a pretraining split for the matched encoder pretraining: dense per-token object classes and boxes
+  (`patch_targets`, the toy stand-in for detection pretraining) or single-object classification (ImageNet-1K's).
   Every scene is a pure function of (world seed, split, index): fixed splits, the test split is never trained on.
 - `load_llava(path, image_root)`: LLaVA-v1.5 JSON (e.g. llava_v1_5_mix665k.json) -> validated records.
 - `build_tokenizer(texts)`: a small Llama-like BPE (`tokenizers`) with <unk> <s> </s> <pad>, digits split one by

@@ -169,3 +169,21 @@ def test_bad_inputs_fail_with_one_clear_line(real_fixtures, tmp_path):
     out = tmp_path / "skip"
     train.main(_real_args(d, out, **{"--data": str(d / "missing.json")}) + ["--skip-missing-images"])
     assert os.path.isfile(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["vit", "vmamba"])
+def test_matched_pretraining_learns_and_saves_the_official_container(tmp_path, kind):
+    # 0 steps gives the untrained baseline through the same evaluation; 40 small steps must beat it clearly
+    infos = {}
+    for steps in (0, 40):
+        args = train.parse_args(["--pretrain-steps", str(steps), "--pretrain-batch", "8", "--pretrain-size", "64",
+                                 "--pretrain-lr", "3e-3"])
+        path = str(tmp_path / f"{kind}-{steps}.pth")
+        train.pretrain_encoder(kind, "toy", args, path)
+        with open(path + ".json") as f:
+            infos[steps] = json.load(f)
+        assert set(torch.load(path, weights_only=True)) == {"model"}  # the official {"model": sd} container
+        train.load_encoder(kind, "toy", path)                         # and it loads strictly
+    assert infos[40]["objective"] == "detect" and infos[40]["image_size"] == 64
+    assert infos[40]["val_box_l1"] < 0.6 * infos[0]["val_box_l1"], infos
+    assert infos[40]["val_acc"] > infos[0]["val_acc"] + 0.1, infos
