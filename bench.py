@@ -26,8 +26,8 @@ def bench_llm(argv):
     """llm.py: (1) greedy generation tokens/s, ours vs transformers.LlamaForCausalLM when it is installed, same
     weights, KV cache on both, 64 new tokens after a 16-token prompt on a small config (hidden 256, 4 layers,
     8 heads, MLP 688, vocab 32000; the README's numbers were measured on it); (2) peak RSS while
-    Llama.from_pretrained loads a ~300 MB checkpoint written to a temp dir, measured in a fresh subprocess per layout/dtype (the increase over the post-import RSS, as a fraction of the
-    checkpoint's size)."""
+    Llama.from_pretrained loads a ~300 MB checkpoint written to a temp dir, measured in a fresh subprocess per
+    layout/dtype (the increase over the post-import RSS, as a fraction of the checkpoint's size)."""
     import argparse
     import dataclasses
     import json

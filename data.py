@@ -94,6 +94,7 @@ COLORS = {  # saturated object colours; backgrounds are low-saturation so the tw
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")  # only for the question text; answers are digits
+EXISTS_QUESTION = "Is there a {} {}?"  # colour, shape
 GROUND_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes: "{}"'
 QTYPES = ("color", "shape", "count", "exists", "left_right")
 SPLITS = {"train": 0, "val": 1, "test": 2, "cls_train": 3, "cls_val": 4}  # split name -> stream id of the RNG
@@ -196,10 +197,10 @@ def vqa_questions(scene, rng):
     c, s = objs[rng.integers(len(objs))]["color"], objs[rng.integers(len(objs))]["shape"]
     if rng.random() < 0.5 or not absent:  # yes/no balanced
         o = objs[rng.integers(len(objs))]
-        out.append(("exists", f"Is there a {o['color']} {o['shape']}?", "yes"))
+        out.append(("exists", EXISTS_QUESTION.format(o["color"], o["shape"]), "yes"))
     else:
         c, s = absent[rng.integers(len(absent))]
-        out.append(("exists", f"Is there a {c} {s}?", "no"))
+        out.append(("exists", EXISTS_QUESTION.format(c, s), "no"))
     for o in objs:
         if sum(p["shape"] == o["shape"] for p in objs) == 1:
             out.append(("color", f"What color is the {o['shape']}?", o["color"]))
@@ -280,8 +281,8 @@ def train_conversation(world, split, index, epoch, geometry="letterbox", image_s
     objs = scene["objects"]
     present = {(o["color"], o["shape"]) for o in objs}
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-    pools["exists"] = [(f"Is there a {c} {s}?", "yes") for c, s in sorted(present)]
-    pools["exists"] += [(f"Is there a {c} {s}?", "no") for c, s in
+    pools["exists"] = [(EXISTS_QUESTION.format(c, s), "yes") for c, s in sorted(present)]
+    pools["exists"] += [(EXISTS_QUESTION.format(c, s), "no") for c, s in
                         (absent[i] for i in rng.permutation(len(absent))[: len(objs)])]
     ground = [(q, format_box(project_box(box, frame))) for _, q, box in ground_questions(scene)]
     turns = []

@@ -223,8 +223,11 @@ def pretrain_encoder(kind, preset, args, path):
     if dense:
         w[K] = 0.2
 
+    def class_logits(out):  # dense heads put the K+1 class logits first, then the 4 box numbers
+        return out[..., : K + 1] if dense else out
+
     def losses(out, y, boxes):
-        logits = out[..., : K + 1] if dense else out
+        logits = class_logits(out)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), weight=w)
         if args.pretrain_objective != "detect":
             return ce, torch.zeros(())
@@ -250,7 +253,7 @@ def pretrain_encoder(kind, preset, args, path):
     with torch.no_grad():
         x, y, boxes = batch("cls_val", 0, 64)
         out = predict(x)
-        pred = (out[..., : K + 1] if dense else out).argmax(-1)
+        pred = class_logits(out).argmax(-1)
         acc = (pred == y).float().mean().item()
         obj = y != K  # dense objectives: accuracy on object tokens too (background is most tokens)
         obj_acc = (pred[obj] == y[obj]).float().mean().item() if dense else acc
@@ -267,7 +270,8 @@ def pretrain_encoder(kind, preset, args, path):
                 seconds=round(time.time() - t0, 1))
     save_json(info, path + ".json")
     print0(f"pretrained {kind} encoder ({args.pretrain_objective}): {n} steps, val acc {100 * acc:.1f}% (object "
-           f"tokens {100 * obj_acc:.1f}%: colour {100 * color_acc:.1f}%, shape {100 * shape_acc:.1f}%), box L1 {box_l1:.3f}, in {info['seconds']}s -> {path}")
+           f"tokens {100 * obj_acc:.1f}%: colour {100 * color_acc:.1f}%, shape {100 * shape_acc:.1f}%), "
+           f"box L1 {box_l1:.3f}, in {info['seconds']}s -> {path}")
 
 
 def load_encoder(kind, preset, path):
@@ -480,7 +484,8 @@ def main(argv=None):
         # the matched pretraining, cached by everything it depends on (the second run of a pair reuses it)
         enc_source = os.path.join("runs", "encoders", f"{args.encoder}-{args.encoder_preset}-{args.geometry}-"
                                   f"{args.pretrain_objective}-tap{tap}-s{args.pretrain_steps}x{args.pretrain_batch}"
-                                  f"@{args.pretrain_size or args.image_size}-lr{args.pretrain_lr:g}-seed{args.seed}.pth")
+                                  f"@{args.pretrain_size or args.image_size}-lr{args.pretrain_lr:g}"
+                                  f"-seed{args.seed}.pth")
         if args.pretrain_steps > 0 and not os.path.isfile(enc_source):
             if is_main:
                 pretrain_encoder(args.encoder, args.encoder_preset, args, enc_source)
