@@ -109,7 +109,7 @@ class WorldConfig:
     max_objects: int = 3
     min_size: float = 0.32                # object side as a fraction of min(W, H)
     max_size: float = 0.5
-    n_train: int = 800                    # scenes per split (the frozen features of the train split are cached)
+    n_train: int = 2400                   # scenes per split (the frozen features of the train split are cached)
     n_val: int = 100
     n_test: int = 200
     n_cls_train: int = 4000               # classification images for encoder pretraining
@@ -134,14 +134,17 @@ def _rng(world, split, index, salt=0):
     return np.random.default_rng([world.seed, SPLITS[split], index, salt])
 
 
-def _background(rng, W, H):
-    """A low-saturation two-colour linear gradient (horizontal, vertical or diagonal)."""
+def _background(rng, W, H, draw=True):
+    """A low-saturation two-colour linear gradient (horizontal, vertical or diagonal); None if not `draw` (the
+    random draws are the same either way, so the scene's layout does not depend on whether pixels are made)."""
     def muted():
         g = rng.uniform(40, 225)
         return np.clip(g + rng.uniform(-22, 22, size=3), 0, 255)
     a, b = muted(), muted()
-    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
     direction = rng.integers(3)
+    if not draw:
+        return None
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
     t = xs / max(1, W - 1) if direction == 0 else ys / max(1, H - 1) if direction == 1 else (xs + ys) / (W + H - 2)
     img = a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]   # (H, W, 3)
     return Image.fromarray(img.astype(np.uint8), "RGB")
@@ -161,12 +164,13 @@ def _draw(draw, shape, box, rgb):
         draw.polygon([(cx, y1), (x2 - 1, cy), (cx, y2 - 1), (x1, cy)], fill=rgb)
 
 
-def make_scene(world, split, index, n_objects=None):
-    """Scene `index` of `split` -> dict(image PIL, objects [dict(color, shape, box px)], size (W, H), id)."""
+def make_scene(world, split, index, n_objects=None, draw=True):
+    """Scene `index` of `split` -> dict(image PIL, objects [dict(color, shape, box px)], size (W, H), id).
+    draw=False skips the pixels (image None) and returns the same objects: what a conversation needs."""
     rng = _rng(world, split, index)
     W, H = world.canvases[rng.integers(len(world.canvases))]
-    image = _background(rng, W, H)
-    draw = ImageDraw.Draw(image)
+    image = _background(rng, W, H, draw)
+    painter = ImageDraw.Draw(image) if draw else None
     n = n_objects or int(rng.integers(world.min_objects, world.max_objects + 1))
     combos = [(c, s) for c in COLORS for s in SHAPES]
     chosen = [combos[i] for i in rng.permutation(len(combos))[:n]]   # unique (colour, shape): expressions are unique
@@ -182,7 +186,8 @@ def make_scene(world, split, index, n_objects=None):
         else:
             continue  # no room: the scene simply has fewer objects (the count question stays truthful)
         boxes.append(box)
-        _draw(draw, shape, box, COLORS[color])
+        if painter:
+            _draw(painter, shape, box, COLORS[color])
         objects.append(dict(color=color, shape=shape, box=tuple(float(v) for v in box)))
     return dict(image=image, objects=objects, size=(W, H), id=f"{split}-{index}")
 
@@ -268,9 +273,9 @@ def train_conversation(world, split, index, epoch, geometry="letterbox", image_s
     as LLaVA's multi-turn instruct data does. Roughly two turns in five are grounding queries. No question is
     asked twice in one conversation: a repeated question could be answered by copying the earlier answer from
     the context instead of reading the image, so a scene with few distinct questions gets a shorter conversation.
-    Returns (scene, turns [(question, answer), ...]).
+    Returns (scene without its pixels (image None), turns [(question, answer), ...]).
     """
-    scene = make_scene(world, split, index)
+    scene = make_scene(world, split, index, draw=False)
     rng = _rng(world, split, index, salt=100 + epoch)
     frame = preprocess_frame(scene["size"], geometry, image_size)
     pools = {}
@@ -349,10 +354,14 @@ def build_tokenizer(texts, vocab_size=400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    # Metaspace splits at spaces and marks word starts like sentencepiece; Digits then isolates each digit (Llama
-    # splits numbers into single digits, which is what lets a small model write "0.37" digit by digit).
+    # Metaspace splits at spaces and marks word starts like sentencepiece. Punctuation then cuts "circle?" and
+    # "circle\"" into "▁circle" + the mark, so a word is one token whatever follows it, as in Llama's vocabulary
+    # (this tiny corpus would otherwise learn three unrelated tokens for one shape, and what the model learns about
+    # "circle" in grounding would not carry over to existence questions). Digits isolates each digit (Llama splits
+    # numbers into single digits, which is what lets a small model write "0.37" digit by digit).
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
     ])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)

@@ -21,7 +21,7 @@ What happens, in order (one straight-line `main`):
 6. model.safetensors + config.json + tokenizer.json + log.jsonl + loss.png, then the held-out test-split table.
 
 Recipe (paper.md §2): lr 2e-5, global batch 128, 1 epoch for Vicuna-7B. The toy LLM starts from random weights,
-so its defaults (lr 1e-3, 13 epochs of the 800 train scenes, up to 12 questions per conversation) are tuned for
+so its defaults (lr 1e-3, 9 epochs of the 2400 train scenes, up to 12 questions per conversation) are tuned for
 that scale and a 10-minute CPU budget; everything else is the paper's.
 
 Glossary: B micro-batch, T text tokens, P image tokens, C encoder width, D LLM width, G global batch (samples per
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     a("--skip-missing-images", action="store_true", help="skip (and count) entries whose image is missing")
     a("--out", default=None, help="run directory (default runs/<encoder>)")
     a("--seed", type=int, default=0)
-    a("--epochs", type=float, default=13.0)
+    a("--epochs", type=float, default=9.0)
     a("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     a("--batch", type=int, default=8, help="micro-batch per process")
     a("--accum", type=int, default=1, help="gradient accumulation steps")

@@ -19,6 +19,10 @@ def test_scenes_are_deterministic_and_splits_differ():
     assert not train & test
     sizes = {data.make_scene(W0, "train", i)["size"] for i in range(40)}
     assert any(w != h for w, h in sizes), "the world must contain non-square images"
+    for i in range(40):  # the pixel-free layout (what training conversations use) is the drawn scene's layout
+        lay = data.make_scene(W0, "train", i, draw=False)
+        full = data.make_scene(W0, "train", i)
+        assert lay["image"] is None and (lay["objects"], lay["size"]) == (full["objects"], full["size"])
 
 
 def test_examples_have_the_contract_keys():
@@ -69,6 +73,9 @@ def test_tokenizer_round_trips_and_splits_digits():
         assert tok.decode(enc.ids) == s
     toks = tok.encode("[0.1234, 0.5, 0.6, 0.7]").tokens
     assert all(len(t) == 1 for t in toks if any(c.isdigit() for c in t)), toks
+    # a word is one token whatever punctuation follows it: "circle?" and 'circle"' both hold the token "▁circle"
+    for s in ("Is there a red circle?", data.GROUND_PROMPT.format("the red circle"), "the red circle to the left"):
+        assert "▁circle" in tok.encode(s).tokens, tok.encode(s).tokens
 
 
 def _write(tmp_path, obj, name="d.json"):
