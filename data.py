@@ -186,7 +186,7 @@ def make_scene(world, split, index, n_objects=None, draw=True):
         else:
             continue  # no room: the scene simply has fewer objects (the count question stays truthful)
         boxes.append(box)
-        if painter:
+        if draw:
             _draw(painter, shape, box, COLORS[color])
         objects.append(dict(color=color, shape=shape, box=tuple(float(v) for v in box)))
     return dict(image=image, objects=objects, size=(W, H), id=f"{split}-{index}")

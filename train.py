@@ -91,7 +91,9 @@ def parse_args(argv=None):
     a("--device", default=None)
     a("--threads", type=int, default=None, help="torch CPU threads")
     a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests the NaN guard
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.pretrain_size = args.pretrain_size or args.image_size  # resolved once: pretraining and its cache name
+    return args
 
 
 class TrainError(Exception):
@@ -181,7 +183,7 @@ def pretrain_encoder(kind, preset, args, path):
     enc = build_encoder(kind, preset)
     tap = DEFAULT_TAP[kind] if args.tap is None else args.tap
     n, bs, lr = args.pretrain_steps, args.pretrain_batch, args.pretrain_lr
-    size = args.pretrain_size or args.image_size
+    size = args.pretrain_size
     grid = size // 16  # both toy encoders tap at stride 16
     dense = args.pretrain_objective in ("patch", "detect")
     K = data.NUM_CLASSES
@@ -203,20 +205,20 @@ def pretrain_encoder(kind, preset, args, path):
     t0 = time.time()
 
     def batch(split, start, count):
-        xs, ys, bs_ = [], [], []
+        xs, ys, box_rows = [], [], []
         for i in range(start, start + count):
             i = i % world.split_size(split)
             if dense:
                 scene = data.make_scene(world, split, i)
                 x, frame = data.preprocess(scene["image"], args.geometry, size, mean, std)
                 y, boxes = data.patch_targets(scene, frame, grid)
-                bs_.append(boxes)
+                box_rows.append(boxes)
             else:
                 im, y = data.classification_example(world, split, i)
                 x = data.preprocess(im, args.geometry, size, mean, std)[0]
             xs.append(x)
             ys.append(y)
-        return torch.stack(xs), torch.tensor(ys), torch.tensor(bs_) if dense else None  # (B,3,S,S) (B[,P]) (B,P,4)
+        return torch.stack(xs), torch.tensor(ys), torch.tensor(box_rows) if dense else None  # (B,3,S,S) (B[,P]) (B,P,4)
 
     # background is most tokens: weigh it down so the objects, not the prior, drive the features
     w = torch.ones(K + 1)
@@ -257,7 +259,7 @@ def pretrain_encoder(kind, preset, args, path):
         acc = (pred == y).float().mean().item()
         obj = y != K  # dense objectives: accuracy on object tokens too (background is most tokens)
         obj_acc = (pred[obj] == y[obj]).float().mean().item() if dense else acc
-        p, t = pred[obj] if dense else pred, y[obj] if dense else y  # colour and shape halves of the class
+        p, t = (pred[obj], y[obj]) if dense else (pred, y)  # colour and shape halves of the class
         nS = len(data.SHAPES)
         color_acc = ((p // nS == t // nS) & (p < K)).float().mean().item()
         shape_acc = ((p % nS == t % nS) & (p < K)).float().mean().item()
@@ -484,7 +486,7 @@ def main(argv=None):
         # the matched pretraining, cached by everything it depends on (the second run of a pair reuses it)
         enc_source = os.path.join("runs", "encoders", f"{args.encoder}-{args.encoder_preset}-{args.geometry}-"
                                   f"{args.pretrain_objective}-tap{tap}-s{args.pretrain_steps}x{args.pretrain_batch}"
-                                  f"@{args.pretrain_size or args.image_size}-lr{args.pretrain_lr:g}"
+                                  f"@{args.pretrain_size}-lr{args.pretrain_lr:g}"
                                   f"-seed{args.seed}.pth")
         if args.pretrain_steps > 0 and not os.path.isfile(enc_source):
             if is_main:
