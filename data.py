@@ -229,8 +229,9 @@ def ground_questions(scene):
 def shapes_examples(split="test", n=None, world=None, geometry="letterbox", image_size=128):
     """Held-out examples of a split: per scene one VQA question (question types cycle) and one grounding query.
 
-    Each example is a dict(image, task "vqa"|"ground", question, answers list[str], qtype, id; for ground also
-    expression and box (raw pixel xyxy)). VQA answers are the one answer repeated 10 times (the VQAv2 format with
+    Each example is a dict(image, task "vqa"|"ground", question, answers list[str], qtype, n_objects (in the scene),
+    id; for ground also expression, box (raw pixel xyxy) and others (the raw pixel boxes of the scene's other
+    objects, so eval can tell a box on the wrong object from a miss)). VQA answers are the one answer repeated 10 times (the VQAv2 format with
     10 human answers, so the soft accuracy of a correct answer is 1). A ground example's answers hold the box
     string in the frame of `geometry` / `image_size`.
     """
@@ -244,12 +245,16 @@ def shapes_examples(split="test", n=None, world=None, geometry="letterbox", imag
         want = QTYPES[i % len(QTYPES)]
         pool = [q for q in qs if q[0] == want] or qs
         qtype, q, a = pool[rng.integers(len(pool))]
+        n_obj = len(scene["objects"])
         out.append(dict(image=scene["image"], task="vqa", question=q, answers=[a] * 10, qtype=qtype,
-                        id=f"{scene['id']}-vqa"))
-        expr, q, box = ground_questions(scene)[rng.integers(len(scene["objects"]))]
+                        n_objects=n_obj, id=f"{scene['id']}-vqa"))
+        k = rng.integers(n_obj)
+        expr, q, box = ground_questions(scene)[k]
+        others = [o["box"] for j, o in enumerate(scene["objects"]) if j != k]  # to tell a wrong object from a miss
         frame = preprocess_frame(scene["size"], geometry, image_size)
-        out.append(dict(image=scene["image"], task="ground", question=q, expression=expr, box=box,
-                        answers=[format_box(project_box(box, frame))], qtype="ground", id=f"{scene['id']}-ground"))
+        out.append(dict(image=scene["image"], task="ground", question=q, expression=expr, box=box, others=others,
+                        answers=[format_box(project_box(box, frame))], qtype="ground", n_objects=n_obj,
+                        id=f"{scene['id']}-ground"))
     return out
 
 

@@ -590,6 +590,11 @@ def evaluate(vlm, tokenizer, cfg, examples, batch_size=16, max_new_tokens=48, pr
     parse_fail, degenerate, top_box_share, centre_spread, collapsed   localization-collapse diagnostics
     n_vqa, n_ground           example counts
     tasks                     [{task, kind, metric, n, acc}] one row per task (benchmark or shapes qtype)
+    by_objects                (shapes world) [{task, n_objects, n, acc}]: each task split by the number of objects
+                              in the scene; a lookup that fails only with 2-3 objects is a binding failure
+    wrong_object              (shapes world) % of grounding answers in scenes of 2+ objects that box ANOTHER object
+                              of the scene (IoU >= 0.5 with it, < 0.5 with the target): found an object, not the one
+                              named. The rest of the misses box nothing.
     predictions               (with return_predictions) [{id, task, question, prediction, answers|gt_box, score}]
     """
     import data
@@ -598,6 +603,7 @@ def evaluate(vlm, tokenizer, cfg, examples, batch_size=16, max_new_tokens=48, pr
     vlm.eval()
     answers, frames = generate_answers(vlm, tokenizer, cfg, examples, batch_size, max_new_tokens, progress)
     groups, preds, g_pred, g_gt = {}, [], [], []
+    by_n, wrong, multi = {}, 0, 0  # (task, n_objects) -> [n, sum]; grounding answers on another object
     for ex, ans, frame in zip(examples, answers, frames):
         metric = _example_metric(ex)
         gt_box = data.project_box(ex["box"], frame) if ex["task"] == "ground" else None
@@ -606,6 +612,15 @@ def evaluate(vlm, tokenizer, cfg, examples, batch_size=16, max_new_tokens=48, pr
                                            "metric": metric, "n": 0, "sum": 0.0})
         g["n"] += 1
         g["sum"] += score
+        if "n_objects" in ex:
+            b = by_n.setdefault((_group(ex), ex["n_objects"]), [0, 0.0])
+            b[0] += 1
+            b[1] += score
+        if ex.get("others"):
+            multi += 1
+            box = parse_box(ans)
+            wrong += bool(score == 0 and box is not None and any(
+                box_iou(box, data.project_box(o, frame)) >= 0.5 for o in ex["others"]))
         if ex["task"] == "ground":
             g_pred.append(ans)
             g_gt.append(gt_box)
@@ -625,9 +640,29 @@ def evaluate(vlm, tokenizer, cfg, examples, batch_size=16, max_new_tokens=48, pr
     if g_gt:
         out.update(grounding_scores(g_pred, g_gt))
     out["tasks"] = tasks
+    if by_n:
+        out["by_objects"] = [dict(task=t, n_objects=k, n=n, acc=100.0 * v / n) for (t, k), (n, v) in sorted(by_n.items())]
+    if multi:
+        out["wrong_object"] = 100.0 * wrong / multi
     if return_predictions:
         out["predictions"] = preds
     return out
+
+
+def objects_table(res):
+    """evaluate()'s by_objects -> a markdown table: one row per task, one column per number of objects in the
+    scene, cells "accuracy (n)"; grounding's row ends with the wrong-object rate. "" without by_objects."""
+    if not res.get("by_objects"):
+        return ""
+    counts = sorted({r["n_objects"] for r in res["by_objects"]})
+    rows = {}
+    for r in res["by_objects"]:
+        row = rows.setdefault(r["task"], {"task": r["task"]})
+        row[f"{r['n_objects']} obj"] = f"{r['acc']:.1f} ({r['n']})"
+    if "ground" in rows and "wrong_object" in res:
+        rows["ground"]["wrong object"] = f"{res['wrong_object']:.1f}"
+    return format_table(list(rows.values()), ["task"] + [f"{k} obj" for k in counts] +
+                        (["wrong object"] if "wrong_object" in res else []))
 
 
 # ----------------------------------------------------------------------------- real benchmarks
@@ -893,6 +928,9 @@ def _run(args):
     print(format_table(rows, SUMMARY_COLUMNS))
     print()
     print(format_table(sorted(task_rows.values(), key=lambda r: r["kind"] != "vqa")))  # VQA tasks first
+    for name, res in dump.items():
+        if res.get("by_objects"):
+            print(f"\n{name}: accuracy by the number of objects in the scene (n examples)\n{objects_table(res)}")
     if args.save_maps:
         paths = save_maps(args.save_maps, per_run)
         print(f"\nwrote {len(paths)} similarity-map PNGs to {args.save_maps}")

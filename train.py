@@ -702,6 +702,7 @@ def main(argv=None):
         rows += [dict(encoder="", connector=t["task"], geometry=f"n={t['n']}", **{"VQA acc": t["acc"]})
                  for t in res["tasks"]]
         print0(eval_lib.format_table(rows))
+        print0(f"by the number of objects in the scene (n examples):\n{eval_lib.objects_table(res)}")
     if dist_on:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

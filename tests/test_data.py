@@ -30,10 +30,11 @@ def test_examples_have_the_contract_keys():
     assert {e["task"] for e in ex} == {"vqa", "ground"}
     for e in ex:
         assert isinstance(e["image"], Image.Image) and e["question"] and e["answers"]
+        assert 1 <= e["n_objects"] <= data.CONFIGS["toy"].max_objects
         if e["task"] == "ground":
             assert e["question"] == ('Please provide the bounding box coordinate of the region this sentence '
                                      f'describes: "{e["expression"]}"')
-            assert len(e["box"]) == 4
+            assert len(e["box"]) == 4 and len(e["others"]) == e["n_objects"] - 1
         else:
             assert len(e["answers"]) == 10 and len(e["answers"][0].split()) == 1
 

@@ -298,7 +298,28 @@ def test_evaluate_perfect_answers_score_100(tok):
     assert {t["task"] for t in res["tasks"]} == {"color", "shape", "count", "exists", "left_right", "ground"}
     assert sum(t["n"] for t in res["tasks"]) == 20
     assert [p["id"] for p in res["predictions"]] == [e["id"] for e in exs]   # order kept despite length sorting
+    assert all(r["acc"] == 100.0 for r in res["by_objects"]) and res["wrong_object"] == 0.0
+    assert sum(r["n"] for r in res["by_objects"]) == 20
     json.dumps(res)                                                          # results.json-able
+
+
+def test_evaluate_tells_a_wrong_object_from_a_miss(tok):
+    cfg = {"geometry": "letterbox", "image_size": 128}
+    exs = [e for e in data.shapes_examples("test", n=30) if e["task"] == "ground"]
+    multi = [e for e in exs if e["n_objects"] > 1]
+    assert multi and all(len(e["others"]) == e["n_objects"] - 1 for e in exs)
+    # a model that always boxes another object of the scene (or the target when it is alone)
+    other = lambda ex, fr: data.format_box(data.project_box((ex["others"] or [ex["box"]])[0], fr))
+    res = ev.evaluate(_scripted(tok, cfg, exs, other), tok, cfg, exs, progress=False)
+    assert res["wrong_object"] == 100.0
+    by_n = {r["n_objects"]: r["acc"] for r in res["by_objects"]}
+    assert by_n[1] == 100.0 and all(by_n[k] == 0.0 for k in by_n if k > 1)
+    table = ev.objects_table(res)
+    assert "| ground | 100.0 (" in table and "| 100.0 |" in table              # 1-object column, wrong-object rate
+    # a box far from every object is a miss, not a wrong object
+    res = ev.evaluate(_scripted(tok, cfg, exs, lambda ex, fr: "[0.0, 0.0, 0.01, 0.01]"), tok, cfg, exs,
+                      progress=False)
+    assert res["wrong_object"] == 0.0 and res["acc@0.5"] == 0.0
 
 
 def test_evaluate_wrong_frame_and_collapse_are_visible(tok):
