@@ -231,9 +231,9 @@ def shapes_examples(split="test", n=None, world=None, geometry="letterbox", imag
 
     Each example is a dict(image, task "vqa"|"ground", question, answers list[str], qtype, n_objects (in the scene),
     id; for ground also expression, box (raw pixel xyxy) and others (the raw pixel boxes of the scene's other
-    objects, so eval can tell a box on the wrong object from a miss)). VQA answers are the one answer repeated 10 times (the VQAv2 format with
-    10 human answers, so the soft accuracy of a correct answer is 1). A ground example's answers hold the box
-    string in the frame of `geometry` / `image_size`.
+    objects, so eval can tell a box on the wrong object from a miss)). VQA answers are the one answer repeated 10
+    times (the VQAv2 format with 10 human answers, so the soft accuracy of a correct answer is 1). A ground
+    example's answers hold the box string in the frame of `geometry` / `image_size`.
     """
     world = world or CONFIGS["toy"]
     n = world.split_size(split) if n is None else n

@@ -641,7 +641,8 @@ def evaluate(vlm, tokenizer, cfg, examples, batch_size=16, max_new_tokens=48, pr
         out.update(grounding_scores(g_pred, g_gt))
     out["tasks"] = tasks
     if by_n:
-        out["by_objects"] = [dict(task=t, n_objects=k, n=n, acc=100.0 * v / n) for (t, k), (n, v) in sorted(by_n.items())]
+        out["by_objects"] = [dict(task=t, n_objects=k, n=n, acc=100.0 * v / n)
+                             for (t, k), (n, v) in sorted(by_n.items())]
     if multi:
         out["wrong_object"] = 100.0 * wrong / multi
     if return_predictions:

@@ -505,6 +505,7 @@ def test_cli_compares_runs_and_writes_maps(two_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("| run | encoder | geometry |") and "| vit | vit |" in out
     assert "| vmamba | vmamba |" in out and "| ground | loc |" in out
+    assert "vit: accuracy by the number of objects" in out and "| task | 1 obj |" in out   # the shapes-world table
     assert [r["run"] for r in rows] == ["vit", "vmamba"]
     for r in rows:
         assert 0.0 <= r["map_in_box"] <= 100.0 and 0.0 < r["map_chance"] < 100.0
@@ -560,4 +561,5 @@ def test_cli_real_benchmark_mode(two_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     for line in ("| vqav2 | vqa | vqa | 1 |", "| pope/random | vqa | yes_no | 2 |", "| refcoco/val | loc | iou@0.5 | 2 |"):
         assert line in out, out
+    assert "number of objects" not in out                    # real benchmarks have no object counts
     assert rows[0]["map_in_box"] is not None                 # the LLaVA record's expression came from its prompt
