@@ -618,9 +618,8 @@ def evaluate(vlm, tokenizer, cfg, examples, batch_size=16, max_new_tokens=48, pr
             b[1] += score
         if ex.get("others"):
             multi += 1
-            box = parse_box(ans)
-            wrong += bool(score == 0 and box is not None and any(
-                box_iou(box, data.project_box(o, frame)) >= 0.5 for o in ex["others"]))
+            box = parse_box(ans) if score == 0 else None  # only a miss can be on the wrong object
+            wrong += box is not None and any(box_iou(box, data.project_box(o, frame)) >= 0.5 for o in ex["others"])
         if ex["task"] == "ground":
             g_pred.append(ans)
             g_gt.append(gt_box)
