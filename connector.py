@@ -165,9 +165,10 @@ class VLM(nn.Module):
         w = self.connector[0].weight
         return self.connector(features.to(w.dtype))                                # (B, P, C) -> (B, P, D)
 
-    def _splice(self, input_ids, attention_mask, labels, image_tokens, image_mask):
+    def _splice(self, input_ids, attention_mask, labels, image_tokens, image_mask, extra=()):
         """Insert the P image tokens right after each row's BOS (= its first unmasked position, so left padding
-        works too). Returns inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None, bos (B,)."""
+        works too). Returns inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None, bos (B,), and
+        each (tensor (B, T), fill) of `extra` spread the same way, `fill` on the image positions."""
         B, T = input_ids.shape
         P = image_tokens.shape[1]
         if attention_mask is None:
@@ -185,41 +186,65 @@ class VLM(nn.Module):
                           text.gather(1, t_idx[..., None].expand(B, T + P, D)))    # (B, L, D)
         img_m = image_mask.to(attention_mask.dtype)[:, None].expand(B, T + P)     # (B, L)
         mask = torch.where(is_img, img_m, attention_mask.gather(1, t_idx))         # (B, L)
+        spread = lambda t, fill: torch.where(is_img, torch.full_like(t_idx, fill), t.gather(1, t_idx))  # (B, L)
         if labels is not None:
-            labels = torch.where(is_img, torch.full_like(t_idx, IGNORE_INDEX), labels.gather(1, t_idx))  # (B, L)
-        return emb, mask, labels, bos[:, 0]
+            labels = spread(labels, IGNORE_INDEX)                                  # (B, L)
+        return (emb, mask, labels, bos[:, 0]) + tuple(spread(t, fill) for t, fill in extra)
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None,
-                output_hidden_states=False, features=None, image_mask=None):
+                output_hidden_states=False, features=None, image_mask=None, user_labels=None, user_loss=0.0,
+                turn_ids=None):
         """pixel_values (B, 3, H, W) [or features (B, P, C) from the cache], input_ids (B, T) starting with BOS
         (right padding), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on prompt/padding, image_mask (B,)
-        0 for text-only samples (their zero image slots are masked out). Returns dict(loss, logits (B, L, V),
-        hidden_states (if asked), image_slice: the P image positions for rows without left padding)."""
+        0 for text-only samples (their zero image slots are masked out).
+        Options of the from-scratch toy LLM (train.py --question-loss, --isolate-turns), off by default:
+        user_labels (B, T) (llm.tokenize_turns) with user_loss = w > 0: loss = answers' mean + w * questions' mean;
+        turn_ids (B, T) (llm.tokenize_turns, padding = its row's last turn): every turn sees the image and the
+        system prompt but no other turn (llm.turn_isolation), i.e. the turns are single-turn samples sharing an image.
+        Returns dict(loss, logits (B, L, V), hidden_states (if asked), image_slice: the P image positions for rows
+        without left padding, and with user_loss also answer_loss and user_loss, the two means)."""
         img = self.encode_images(pixel_values, features)                           # (B, P, D)
         B, P = img.shape[:2]
         if image_mask is None:
             image_mask = torch.ones(B, dtype=torch.long, device=img.device)
         img = img * image_mask.to(img.dtype)[:, None, None]                        # zero patches for text-only rows
-        emb, mask, labels, _ = self._splice(input_ids, attention_mask, labels, img, image_mask)
-        if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        extra = [(t, fill) for t, fill in ((user_labels, IGNORE_INDEX), (turn_ids, 0)) if t is not None]
+        emb, mask, labels, _, *spread = self._splice(input_ids, attention_mask, labels, img, image_mask, extra)
+        user_labels = spread.pop(0) if user_labels is not None else None          # (B, L)
+        turn_ids = spread.pop(0) if turn_ids is not None else None                 # (B, L), image = prefix (0)
+        position_ids = None
+        if turn_ids is not None:
+            import llm as llm_mod
+            iso, position_ids = llm_mod.turn_isolation(turn_ids)                   # (B, 1, L, L), (B, L)
+            # and never a masked key: padding, or the zeroed image slots of a text-only row (every query still sees
+            # BOS, so no row of the mask is empty)
+            mask = iso & mask.bool()[:, None, None, :]                             # (B, 1, L, L)
+        elif bool((mask[:, 1:] <= mask[:, :-1]).all()):
             # Only right padding: causal attention already keeps every real token from seeing the pads after it,
             # and positions are 0..L-1 either way, so dropping the mask changes no real token's output but lets
             # the LLM use the fast is_causal attention path. (Pads' outputs differ; their labels are IGNORE.)
             mask = None
-        out = self.llm(inputs_embeds=emb, attention_mask=mask, output_hidden_states=output_hidden_states)
+        out = self.llm(inputs_embeds=emb, attention_mask=mask, output_hidden_states=output_hidden_states,
+                       position_ids=position_ids)
         logits, hidden = (out if output_hidden_states else (out, None))
-        loss = None
+        result = dict(loss=None, logits=logits, image_slice=slice(1, 1 + P))
         if labels is not None:
             # next-token loss on answer tokens only (labels are IGNORE on the system prompt, questions and patches)
-            flat_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])   # (B*(L-1), V)
-            flat_labels = labels[:, 1:].reshape(-1)                               # (B*(L-1),)
-            n = (flat_labels != IGNORE_INDEX).sum()
-            loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") \
-                / n.clamp(min=1)
-        result = dict(loss=loss, logits=logits, image_slice=slice(1, 1 + P))
+            result["loss"] = self.token_loss(logits, labels)
+            if user_labels is not None and user_loss > 0:
+                result["answer_loss"], result["user_loss"] = result["loss"], self.token_loss(logits, user_labels)
+                result["loss"] = result["answer_loss"] + user_loss * result["user_loss"]
         if output_hidden_states:
             result["hidden_states"] = hidden
         return result
+
+    @staticmethod
+    def token_loss(logits, labels):
+        """Mean next-token cross-entropy over the positions whose label (B, L) is not IGNORE_INDEX."""
+        flat_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])        # (B*(L-1), V)
+        flat_labels = labels[:, 1:].reshape(-1)                                    # (B*(L-1),)
+        n = (flat_labels != IGNORE_INDEX).sum()
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") / n.clamp(min=1)
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens=32,

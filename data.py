@@ -19,7 +19,7 @@ Everything a VLM sample needs to be reproduced is here, without a model:
 - `build_tokenizer(texts)`: a small Llama-like BPE (`tokenizers`) with <unk> <s> </s> <pad>, digits split one by
   one, BOS prepended, and decode(encode(s)) == s for the world's text (so eval's parse_box can read the boxes).
 
-This file imports no model code; train.py turns records into token ids with llm.tokenize_conversation.
+This file imports no model code; train.py turns records into token ids with llm.tokenize_turns.
 
 Glossary
     S       side of the square model input in pixels (128 for the toy, 224 in the paper)
@@ -274,10 +274,12 @@ def preprocess_frame(size_wh, geometry, image_size):
 def train_conversation(world, split, index, epoch, geometry="letterbox", image_size=128, n_turns=4):
     """A multi-turn training conversation for scene `index`, re-drawn every epoch (the image stays the same).
 
-    Several questions per image amortise the image tokens and the system prompt over more supervised answers,
-    as LLaVA's multi-turn instruct data does. Roughly two turns in five are grounding queries. No question is
-    asked twice in one conversation: a repeated question could be answered by copying the earlier answer from
-    the context instead of reading the image, so a scene with few distinct questions gets a shorter conversation.
+    Several questions per image amortise the image tokens over more supervised answers, as LLaVA's multi-turn
+    instruct data does (train.py's default --isolate-turns then hides the turns from each other, so each one is
+    learned as a single-turn sample that shares the image). Roughly two turns in five are grounding queries. No
+    question is asked twice in one conversation: a repeated question could be answered by copying the earlier
+    answer from the context instead of reading the image, so a scene with few distinct questions gets a shorter
+    conversation.
     Returns (scene without its pixels (image None), turns [(question, answer), ...]).
     """
     scene = make_scene(world, split, index, draw=False)

@@ -401,13 +401,14 @@ def _token_positions(tokenizer, prompt, substring):
 
 
 @torch.no_grad()
-def similarity_map(vlm, tokenizer, pixel_values, question, expression, layer=None):
+def similarity_map(vlm, tokenizer, pixel_values, question, expression, layer=None, system=None):
     """Cosine-similarity map (h, w) between the expression and every visual token (definition above).
 
-    pixel_values: (3, S, S) as the model sees it. Returns a float32 CPU tensor (h, w) in [-1, 1].
+    pixel_values: (3, S, S) as the model sees it; system: the run's system prompt (system_prompt(cfg)). Returns a
+    float32 CPU tensor (h, w) in [-1, 1].
     """
     import llm as llm_lib
-    prompt = llm_lib.prompt_text(question)
+    prompt = llm_lib.prompt_text(question, llm_lib.SYSTEM_PROMPT if system is None else system)
     ids, pos = _token_positions(tokenizer, prompt, expression)
     dev = next(vlm.parameters()).device
     x = pixel_values[None].to(dev)                                             # (1, 3, S, S)
@@ -526,10 +527,18 @@ def _open_image(img):
     return img
 
 
-def prompt_ids(tokenizer, question):
-    """The single-turn Vicuna prompt for `question` -> token ids with exactly one BOS first."""
+def system_prompt(cfg):
+    """The system prompt a run was trained with (config.json; runs from before the key: Vicuna's)."""
     import llm as llm_lib
-    ids = list(tokenizer.encode(llm_lib.prompt_text(question)).ids)
+    return cfg.get("system_prompt", llm_lib.SYSTEM_PROMPT)
+
+
+def prompt_ids(tokenizer, question, system=None):
+    """The single-turn Vicuna prompt for `question` -> token ids with exactly one BOS first. system: the run's
+    system prompt (system_prompt(cfg)); None = Vicuna v1.5's."""
+    import llm as llm_lib
+    ids = list(tokenizer.encode(llm_lib.prompt_text(question, llm_lib.SYSTEM_PROMPT if system is None
+                                                    else system)).ids)
     bos = tokenizer.token_to_id("<s>")
     if bos is None:
         raise ValueError("the tokenizer has no '<s>' token")
@@ -549,7 +558,7 @@ def generate_answers(vlm, tokenizer, cfg, examples, batch_size=16, max_new_token
     eos = tokenizer.token_to_id("</s>")
     pad = tokenizer.token_to_id("<pad>")
     pad = eos if pad is None else pad
-    ids = [prompt_ids(tokenizer, ex["question"]) for ex in examples]
+    ids = [prompt_ids(tokenizer, ex["question"], system_prompt(cfg)) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
     answers, frames = [None] * len(examples), [None] * len(examples)
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
@@ -823,7 +832,7 @@ def map_sharpness(vlm, tokenizer, cfg, examples, layer=None, keep=0):
             continue
         x, frame = data.preprocess(_open_image(ex["image"]), geometry, size, mean, std)
         gt = data.project_box(ex["box"], frame)
-        sim = similarity_map(vlm, tokenizer, x, ex["question"], ex["expression"], layer)
+        sim = similarity_map(vlm, tokenizer, x, ex["question"], ex["expression"], layer, system_prompt(cfg))
         masses.append(mass_in_box(sim, gt))
         areas.append((gt[2] - gt[0]) * (gt[3] - gt[1]))
         if len(kept) < keep:

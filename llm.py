@@ -281,6 +281,25 @@ def _attention_mask(key_mask, T: int, past: int):
     return mask, False
 
 
+def turn_isolation(turn_ids):
+    """Several single-turn samples packed into one row, sharing a prefix (BOS, image, system prompt).
+    turn_ids (B, T) ints: 0 on the shared prefix, which must come first, k >= 1 on every token of turn k (and on its
+    right padding). Returns (mask bool (B, 1, T, T), position_ids (B, T)) for Llama.forward: a token sees the prefix
+    and the earlier tokens of its own turn, never another turn, and each turn's positions restart right after the
+    prefix, so every turn's logits are exactly those of a conversation holding that turn alone."""
+    B, T = turn_ids.shape
+    j = torch.arange(T, device=turn_ids.device)  # (T,)
+    causal = j[None, :] <= j[:, None]  # (T, T) query row, key column
+    key_turn, query_turn = turn_ids[:, None, :], turn_ids[:, :, None]  # (B, 1, T), (B, T, 1)
+    mask = causal[None] & ((key_turn == 0) | (key_turn == query_turn))  # (B, T, T)
+    first = torch.cat([torch.ones_like(turn_ids[:, :1], dtype=torch.bool),
+                       turn_ids[:, 1:] != turn_ids[:, :-1]], dim=1)  # (B, T) first token of a turn (or prefix)
+    start = torch.where(first, j, torch.zeros_like(j)).cummax(dim=1).values  # (B, T) where each token's turn began
+    n_prefix = (turn_ids == 0).sum(dim=1, keepdim=True)  # (B, 1)
+    position_ids = torch.where(turn_ids == 0, j.expand(B, T), n_prefix + j - start)  # (B, T)
+    return mask[:, None], position_ids  # (B, 1, T, T), (B, T)
+
+
 class KVCache:
     """Per-layer key/value buffers preallocated for the whole generation (no torch.cat per step).
     k, v (B, KV, S_max, hd); `update` writes the new T positions and returns views of the filled prefix."""
@@ -378,16 +397,29 @@ class Llama(nn.Module):
             hidden_states.append(x)  # HF convention: the last entry is taken after the final norm
         return x
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, output_hidden_states=False,
+                position_ids=None):
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T) 1 = real token, 0 = padding (right
-        padding as in LLaVA training; left padding works too). Returns logits (B, T, V), or (logits, hidden_states)
-        with hidden_states a list of n_layers+1 tensors (B, T, D): the embeddings, each layer's output, and the
-        last one after the final RMSNorm (as HF's output_hidden_states)."""
-        x, key_mask = self._inputs(input_ids, inputs_embeds, attention_mask)
+        padding as in LLaVA training; left padding works too), or a bool (B, 1, T, T) mask, True = may attend, for
+        a custom pattern such as `turn_isolation`'s; position_ids (B, T) for RoPE (default: from the mask). Returns
+        logits (B, T, V), or (logits, hidden_states) with hidden_states a list of n_layers+1 tensors (B, T, D): the
+        embeddings, each layer's output, and the last one after the final RMSNorm (as HF's output_hidden_states)."""
+        custom = attention_mask is not None and attention_mask.dim() == 4
+        x, key_mask = self._inputs(input_ids, inputs_embeds, None if custom else attention_mask)
         B, T, _ = x.shape
-        mask, is_causal = _attention_mask(key_mask, T, past=0)
+        if custom:
+            if tuple(attention_mask.shape) != (B, 1, T, T) or attention_mask.dtype != torch.bool:
+                raise ValueError(f"a 4-D attention_mask must be bool (B, 1, T, T) = {(B, 1, T, T)}, got "
+                                 f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+            mask, is_causal = attention_mask.to(x.device), False
+        else:
+            mask, is_causal = _attention_mask(key_mask, T, past=0)
+        if position_ids is None:
+            position_ids = self._positions(key_mask, B, T, x.device)  # (B, T)
+        elif tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
         hs = [] if output_hidden_states else None
-        rope = rope_cos_sin(self._positions(key_mask, B, T, x.device), self.config.head_dim, self.config.rope_theta,
+        rope = rope_cos_sin(position_ids.to(x.device), self.config.head_dim, self.config.rope_theta,
                             x.dtype)  # (B, T, hd) each
         x = self._trunk(x, rope, mask, is_causal, hidden_states=hs)
         logits = self.lm_head(x)  # (B, T, V)
@@ -827,20 +859,29 @@ def prompt_text(question: str, system: str = SYSTEM_PROMPT) -> str:
 
 
 def tokenize_conversation(tokenizer, turns, system: str = SYSTEM_PROMPT):
-    """turns [(user, assistant), ...] -> (input_ids list[int], labels list[int]).
+    """turns [(user, assistant), ...] -> (input_ids list[int], labels list[int]); see tokenize_turns."""
+    return tokenize_turns(tokenizer, turns, system)[:2]
+
+
+def tokenize_turns(tokenizer, turns, system: str = SYSTEM_PROMPT):
+    """turns [(user, assistant), ...] -> (input_ids, labels, user_labels, turn_ids), four lists of the same length.
 
     The whole conversation is rendered and tokenized once (as LLaVA's preprocess_v1 does, so "</s>USER" tokenizes
     exactly as at training time), and labels copy input_ids only on tokens that overlap an answer: from the space
     after "ASSISTANT:" (Llama's "▁A" carries it) through the answer's "</s>". Everything else, BOS, system prompt,
-    "USER: ...", "ASSISTANT:", is IGNORE_INDEX. Works with any tokenizers.Tokenizer in which "</s>" is one token;
-    BOS "<s>" is put first whether or not the tokenizer's post-processor adds it."""
+    "USER: ...", "ASSISTANT:", is IGNORE_INDEX. user_labels are the opposite within the turns: input_ids on
+    "USER: {question} ASSISTANT:" (for an optional language-model loss on the questions), IGNORE_INDEX on BOS, the
+    system prompt and the answers. turn_ids: 0 on BOS and the system prompt, k on every token of turn k (1-based),
+    what `turn_isolation` masks by. Works with any tokenizers.Tokenizer in which "</s>" is one token; BOS "<s>" is
+    put first whether or not the tokenizer's post-processor adds it."""
     if not turns:
         raise ValueError("turns must hold at least one (user, assistant) pair")
     bos_id, eos_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
     if bos_id is None or eos_id is None:
         raise ValueError("the tokenizer needs '<s>' and '</s>' tokens")
-    text, spans = _system_prefix(system), []
+    text, spans, starts = _system_prefix(system), [], []
     for user, answer in turns:
+        starts.append(len(text))
         text += f"USER: {user} ASSISTANT:"
         start = len(text)  # the separator space belongs to the answer's first token
         text += f" {answer}</s>"
@@ -849,16 +890,22 @@ def tokenize_conversation(tokenizer, turns, system: str = SYSTEM_PROMPT):
     ids, offsets = list(enc.ids), list(enc.offsets)
     if not ids or ids[0] != bos_id:
         ids, offsets = [bos_id] + ids, [(0, 0)] + offsets
-    labels = [IGNORE_INDEX] * len(ids)
-    span_i = 0
+    labels, user_labels, turn_ids = [IGNORE_INDEX] * len(ids), [IGNORE_INDEX] * len(ids), [0] * len(ids)
+    span_i, turn = 0, 0
     for i, (a, b) in enumerate(offsets):
         if i == 0 or b <= a:  # BOS, and anything else the post-processor added (empty offsets)
+            turn_ids[i] = turn if i else 0
             continue
+        while turn < len(starts) and b > starts[turn]:  # a token reaching into turn k's text belongs to turn k
+            turn += 1
+        turn_ids[i] = turn
         while span_i < len(spans) and a >= spans[span_i][1]:
             span_i += 1
         if span_i < len(spans) and b > spans[span_i][0]:
             labels[i] = ids[i]
+        elif turn:
+            user_labels[i] = ids[i]
     if sum(1 for i, l in zip(ids, labels) if l == eos_id) != len(turns):
         raise ValueError("the tokenizer does not turn each '</s>' in the text into the single token "
                          f"id {eos_id}; add '</s>' to it as a special token")
-    return ids, labels
+    return ids, labels, user_labels, turn_ids

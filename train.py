@@ -65,9 +65,9 @@ def parse_args(argv=None):
     a("--skip-missing-images", action="store_true", help="skip (and count) entries whose image is missing")
     a("--out", default=None, help="run directory (default runs/<encoder>)")
     a("--seed", type=int, default=0)
-    a("--epochs", type=float, default=9.0)
+    a("--epochs", type=float, default=13.0)
     a("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    a("--batch", type=int, default=8, help="micro-batch per process")
+    a("--batch", type=int, default=16, help="micro-batch per process")
     a("--accum", type=int, default=1, help="gradient accumulation steps")
     a("--global-batch", type=int, default=None, help="derive --accum from this (= batch * accum * world)")
     a("--lr", type=float, default=1e-3)
@@ -75,7 +75,15 @@ def parse_args(argv=None):
     a("--warmup", type=float, default=0.03, help="warmup fraction of the steps")
     a("--clip", type=float, default=1.0)
     a("--max-len", type=int, default=2048, help="text tokens per sample (image tokens come on top)")
-    a("--turns", type=int, default=12, help="shapes world: at most this many questions per training conversation")
+    a("--turns", type=int, default=6, help="shapes world: at most this many questions per training conversation")
+    a("--system-prompt", choices=("auto", "vicuna", "none"), default="auto",
+      help="vicuna: v1.5's system prompt before the first USER; auto = vicuna with --llm, none for the toy LLM")
+    a("--question-loss", type=float, default=None, metavar="W",
+      help="add W x the mean next-token loss on the user turns to the answers' mean (default: 1 for the toy LLM, "
+           "0 with --llm)")
+    a("--isolate-turns", choices=("auto", "on", "off"), default="auto",
+      help="on: each turn sees the image (and system prompt) but not the other turns, i.e. single-turn samples "
+           "sharing an image; auto = on for the shapes world, off for --data")
     a("--train-images", type=int, default=None, help="shapes world: train scenes (default: the world's)")
     a("--eval-images", type=int, default=100, help="shapes world: test scenes scored at the end (0 = no eval)")
     a("--pretrain-steps", type=int, default=600, help="matched encoder pretraining steps (0 = random frozen)")
@@ -93,6 +101,18 @@ def parse_args(argv=None):
     a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests the NaN guard
     args = p.parse_args(argv)
     args.pretrain_size = args.pretrain_size or args.image_size  # resolved once: pretraining and its cache name
+    # The toy LLM starts from random weights, and three things set it apart from Vicuna (README, "train"): no system
+    # prompt (30 constant tokens before each question delay learning to find the named object), a language-model
+    # loss on the questions too, and isolated turns (no earlier turn to copy from or to confuse with the current one).
+    toy = args.llm is None
+    if args.system_prompt == "auto":
+        args.system_prompt = "none" if toy else "vicuna"
+    if args.question_loss is None:
+        args.question_loss = 1.0 if toy else 0.0
+    if args.question_loss < 0:
+        p.error(f"--question-loss must be >= 0, got {args.question_loss}")
+    if args.isolate_turns == "auto":
+        args.isolate_turns = "off" if args.data else "on"
     return args
 
 
@@ -113,6 +133,22 @@ def lr_factor(step, total, warmup):
     if step < warmup:
         return step / max(1, warmup)
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def prefetched(make, keys):
+    """Yield make(key) for each key in order, each one computed in a background thread while the caller works on
+    the previous one: drawing and preprocessing scenes is a large share of a pretraining step on a 2-core CPU.
+    The values and their order are exactly those of [make(k) for k in keys]; an error is raised where its value
+    would have been yielded."""
+    from concurrent.futures import ThreadPoolExecutor
+    keys = list(keys)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(make, keys[0]) if keys else None
+        for i in range(len(keys)):
+            value = nxt.result()
+            if i + 1 < len(keys):
+                nxt = pool.submit(make, keys[i + 1])
+            yield value
 
 
 def atomic_write(path, write):
@@ -240,10 +276,9 @@ def pretrain_encoder(kind, preset, args, path):
     enc.train()
     bar = tqdm(range(n), desc=f"pretrain {kind}", disable=int(os.environ.get("RANK", "0")) != 0,
                dynamic_ncols=True)
-    for step in bar:
+    for step, (x, y, boxes) in zip(bar, prefetched(lambda k: batch("cls_train", k * bs, bs), range(n))):
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, n, max(1, round(0.1 * n)))
-        x, y, boxes = batch("cls_train", step * bs, bs)
         ce, l1 = losses(predict(x), y, boxes)
         loss = ce + 10.0 * l1  # an L1 of 0.05 (a few pixels) weighs like a CE of 0.5
         opt.zero_grad(set_to_none=True)
@@ -325,13 +360,13 @@ class Samples:
             raise TrainError(f"--data entry {i}: cannot read image {path}: {e}") from None
 
     def text(self, i, epoch):
+        """-> (input_ids, labels, user_labels, turn_ids), lists cut to --max-len (llm.tokenize_turns)."""
         if self.records is None:
             _, turns = data.train_conversation(self.world, "train", i, epoch, self.args.geometry,
                                                self.args.image_size, self.args.turns)
         else:
             turns = self.records[i]["turns"]
-        ids, labels = self.tokenize(self.tok, turns)
-        return ids[: self.args.max_len], labels[: self.args.max_len]
+        return tuple(t[: self.args.max_len] for t in self.tokenize(self.tok, turns))
 
 
 @functools.lru_cache(maxsize=2)  # one permutation per epoch, not one per sample (665K entries at paper scale)
@@ -351,13 +386,19 @@ def indices_for_step(step, n, G, seed):
 
 
 def collate(samples, pad_id, device):
-    T = max(len(s[0]) for s in samples)
-    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for r, (i, l) in enumerate(samples):  # right padding, as in LLaVA training
-        ids[r, : len(i)], labels[r, : len(l)], mask[r, : len(i)] = torch.tensor(i), torch.tensor(l), 1
-    return ids.to(device), labels.to(device), mask.to(device)
+    """[(ids, labels, user_labels, turn_ids), ...] -> right-padded (B, T) tensors ids, labels, user_labels,
+    turn_ids (padding continues its row's last turn) and the attention mask."""
+    B, T = len(samples), max(len(s[0]) for s in samples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    user_labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    turns = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for r, (i, l, u, t) in enumerate(samples):  # right padding, as in LLaVA training
+        n = len(i)
+        ids[r, :n], labels[r, :n], user_labels[r, :n] = torch.tensor(i), torch.tensor(l), torch.tensor(u)
+        turns[r, :n], turns[r, n:], mask[r, :n] = torch.tensor(t), t[-1], 1
+    return tuple(x.to(device) for x in (ids, labels, user_labels, turns, mask))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -506,10 +547,12 @@ def main(argv=None):
                llm_config=asdict(model.config), llm=args.llm, geometry=args.geometry, image_size=args.image_size,
                mean=list(mean), std=list(std), seed=args.seed, batch=args.batch, accum=args.accum,
                world_size=world_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-               clip=args.clip, turns=args.turns, data=args.data)
+               clip=args.clip, turns=args.turns, data=args.data, isolate_turns=args.isolate_turns == "on",
+               question_loss=args.question_loss,
+               system_prompt=llm_lib.SYSTEM_PROMPT if args.system_prompt == "vicuna" else "")
 
     # ---- 3. data
-    samples = Samples(args, tok, llm_lib.tokenize_conversation)
+    samples = Samples(args, tok, functools.partial(llm_lib.tokenize_turns, system=cfg["system_prompt"]))
     total = args.steps or max(1, math.ceil(samples.n * args.epochs / G))
     warmup = math.ceil(args.warmup * total)
     cfg["steps"] = total
@@ -532,16 +575,19 @@ def main(argv=None):
     if use_cache and feats is None:
         t0 = time.time()
         chunks, has_img = [], torch.ones(samples.n, dtype=torch.long)
-        for s in range(0, samples.n, 32):
-            px = []
+        def pixels(s):  # images s..s+31 -> (B, 3, S, S) and which of them exist
+            px, has = [], []
             for i in range(s, min(samples.n, s + 32)):
                 im = samples.image(i)
-                if im is None:  # text-only: zero patches, masked out
-                    has_img[i] = 0
-                    px.append(torch.zeros(3, args.image_size, args.image_size))
-                else:
-                    px.append(data.preprocess(im, args.geometry, args.image_size, mean, std)[0])
-            chunks.append(vlm.encoder_features(torch.stack(px).to(device)).cpu())
+                has.append(im is not None)  # text-only: zero patches, masked out
+                px.append(torch.zeros(3, args.image_size, args.image_size) if im is None else
+                          data.preprocess(im, args.geometry, args.image_size, mean, std)[0])
+            return torch.stack(px), has
+
+        starts = range(0, samples.n, 32)
+        for s, (px, has) in zip(starts, prefetched(pixels, starts)):
+            has_img[s: s + len(has)] = torch.tensor(has, dtype=torch.long)
+            chunks.append(vlm.encoder_features(px.to(device)).cpu())
         feats = torch.cat(chunks)  # (N, P, C)
         if disk and is_main:
             os.makedirs(os.path.dirname(disk), exist_ok=True)
@@ -587,7 +633,8 @@ def main(argv=None):
             raise TrainError(f"--resume: no checkpoint in {run_dir}/ckpt (nothing to resume)")
         step, old = load_checkpoint(ck, vlm, opt, dist_on)
         changed = [k for k in ("encoder", "connector", "geometry", "image_size", "seed", "batch", "accum",
-                               "world_size", "steps", "lr") if old.get(k) != cfg.get(k)]
+                               "world_size", "steps", "lr", "system_prompt", "question_loss", "isolate_turns")
+                   if old.get(k) != cfg.get(k)]
         if changed:
             raise TrainError(f"--resume: {ck} was written with different settings: "
                              + ", ".join(f"{k} {old.get(k)!r} -> {cfg.get(k)!r}" for k in changed))
@@ -620,12 +667,12 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         picks = indices_for_step(step, samples.n, G, args.seed)
-        loss_sum = 0.0
+        loss_sum, answer_sum = 0.0, 0.0
         for micro in range(args.accum):
             start = (micro * world_size + rank) * args.batch
             mine = picks[start: start + args.batch]
             texts = [samples.text(i, e) for e, i in mine]
-            ids, labels, mask = collate(texts, pad_id, device)
+            ids, labels, user_labels, turn_ids, mask = collate(texts, pad_id, device)
             idx = [i for _, i in mine]
             if feats is not None:
                 kw = dict(features=feats[idx].to(device), image_mask=has_img[idx].to(device))
@@ -637,7 +684,9 @@ def main(argv=None):
             for m in fsdp_modules:  # reduce-scatter gradients only on the last micro-step
                 m.set_requires_gradient_sync(micro == args.accum - 1)
             with amp:
-                loss = vlm(input_ids=ids, attention_mask=mask, labels=labels, **kw)["loss"]
+                out = vlm(input_ids=ids, attention_mask=mask, labels=labels, user_labels=user_labels,
+                          user_loss=args.question_loss, turn_ids=turn_ids if cfg["isolate_turns"] else None, **kw)
+            loss = out["loss"]
             if args.debug_nan_at_step == step:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -647,6 +696,7 @@ def main(argv=None):
                                  + (" (continue with --resume, e.g. at a lower --lr)" if ck else ""))
             (loss / args.accum).backward()
             loss_sum += loss.item() / args.accum
+            answer_sum += out.get("answer_loss", loss).item() / args.accum  # the answers' part alone
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         if not torch.isfinite(gnorm):
@@ -656,14 +706,15 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dist_on:  # the logged loss is the mean over ranks
-            t = torch.tensor([loss_sum], device=device)
+            t = torch.tensor([loss_sum, answer_sum], device=device)
             torch.distributed.all_reduce(t)
-            loss_sum = t.item() / world_size
+            loss_sum, answer_sum = (t / world_size).tolist()
         step += 1
         losses.append(loss_sum)
         if is_main:
             with open(log_path, "a") as f:
-                f.write(json.dumps(dict(step=step - 1, loss=round(loss_sum, 5), lr=lr, grad_norm=round(gnorm.item(), 4),
+                f.write(json.dumps(dict(step=step - 1, loss=round(loss_sum, 5), answer_loss=round(answer_sum, 5),
+                                        lr=lr, grad_norm=round(gnorm.item(), 4),
                                         seconds=round(time.time() - t0, 2))) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")

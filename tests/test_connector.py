@@ -67,3 +67,34 @@ def test_left_padded_generate_matches_single():
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
     both = vlm.generate(px, ids, mask, max_new_tokens=5)
     assert torch.equal(both[0], single[0][0]) and torch.equal(both[1], single[1][0])
+
+
+def test_isolated_turns_and_question_loss():
+    # the toy LLM's training options: each turn of a packed conversation scores as if alone, and the question loss
+    # adds w x the questions' mean to the answers' mean
+    vlm = _tiny_vlm()
+    P = 16
+    px = torch.randn(1, 3, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    pre, t1, t2 = (torch.randint(4, 50, (n,), generator=g) for n in (3, 5, 4))
+    pre[0] = 1  # BOS
+    ids = torch.cat([pre, t1, t2])[None]                                  # (1, 12)
+    turns = torch.tensor([[0] * 3 + [1] * 5 + [2] * 4])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 6:8], labels[0, 10:] = ids[0, 6:8], ids[0, 10:]             # the answers
+    user = torch.where((labels == IGNORE_INDEX) & (turns > 0), ids, torch.full_like(ids, IGNORE_INDEX))
+    with torch.no_grad():
+        packed = vlm(px, ids, labels=labels, turn_ids=turns)["logits"][0]  # (P + 12, V)
+        alone = vlm(px, torch.cat([pre, t2])[None])["logits"][0]           # (P + 7, V)
+        plain = vlm(px, ids)["logits"][0]
+    torch.testing.assert_close(packed[P + 8:], alone[P + 3:], atol=1e-5, rtol=1e-5)
+    assert (plain[P + 8:] - alone[P + 3:]).abs().max() > 1e-3
+    with torch.no_grad():
+        out = vlm(px, ids, labels=labels, user_labels=user, user_loss=0.5)
+        ans = vlm(px, ids, labels=labels)["loss"]
+        asked = vlm(px, ids, labels=user)["loss"]
+    torch.testing.assert_close(out["answer_loss"], ans)
+    torch.testing.assert_close(out["user_loss"], asked)
+    torch.testing.assert_close(out["loss"], ans + 0.5 * asked)
+    with torch.no_grad():  # weight 0 (Vicuna's default) is the plain answer loss
+        assert torch.equal(vlm(px, ids, labels=labels, user_labels=user, user_loss=0.0)["loss"], ans)

@@ -289,6 +289,28 @@ def test_right_padded_batch_equals_singles(tiny):
             torch.testing.assert_close(batched[b, :n], tiny(x[b:b + 1, :n])[0], atol=1e-5, rtol=1e-5)
 
 
+def test_turn_isolation_gives_each_turn_its_logits_alone(tiny):
+    # one row [prefix | turn 1 | turn 2 | padding] under llm.turn_isolation = two rows [prefix | turn k]
+    g = torch.Generator().manual_seed(3)
+    prefix, t1, t2 = (torch.randint(4, TINY.vocab_size, (n,), generator=g) for n in (5, 4, 6))
+    row = torch.cat([prefix, t1, t2, torch.zeros(2, dtype=torch.long)])[None]  # (1, 17), 2 pads
+    turn = torch.tensor([[0] * 5 + [1] * 4 + [2] * 8])  # padding continues the last turn
+    mask, pos = llm.turn_isolation(turn)
+    assert mask.shape == (1, 1, 17, 17) and pos[0].tolist() == list(range(9)) + list(range(5, 13))
+    with torch.no_grad():
+        packed = tiny(row, attention_mask=mask, position_ids=pos)[0]  # (17, V)
+        alone1 = tiny(torch.cat([prefix, t1])[None])[0]
+        alone2 = tiny(torch.cat([prefix, t2])[None])[0]
+        plain = tiny(row)[0]
+    torch.testing.assert_close(packed[:9], alone1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[9:15], alone2[5:], atol=1e-5, rtol=1e-5)
+    assert (plain[9:15] - alone2[5:]).abs().max() > 1e-3  # without the mask turn 2 sees turn 1
+    with pytest.raises(ValueError, match="4-D attention_mask must be bool"):
+        tiny(row, attention_mask=mask.float(), position_ids=pos)
+    with pytest.raises(ValueError, match="position_ids must be"):
+        tiny(row, position_ids=pos[:, :3])
+
+
 def test_kv_cache_generation_equals_full_recompute(tiny):
     x = ids_batch(B=2, T=5)
     new = tiny.generate(x, max_new_tokens=12)
@@ -467,6 +489,23 @@ def test_tokenize_conversation_label_mask(tmp_path, which):
     prompt_ids = tok.encode(prompt_text("What is it?")).ids
     prompt_ids = prompt_ids if prompt_ids[0] == bos else [bos] + prompt_ids
     assert ids[:len(prompt_ids)] == prompt_ids
+
+
+@pytest.mark.parametrize("system", [SYSTEM_PROMPT, ""])
+def test_tokenize_turns_user_labels_and_turn_ids(system):
+    tok = char_tokenizer()
+    turns = [("What is it?", "A cat."), ("Color?", "Orange.")]
+    ids, labels, user, turn = llm.tokenize_turns(tok, turns, system)
+    assert (ids, labels) == tuple(tokenize_conversation(tok, turns, system))
+    assert len(user) == len(turn) == len(ids) and turn[0] == 0 and turn == sorted(turn)
+    squash = lambda xs: tok.decode(xs, skip_special_tokens=False).replace(" ", "").replace("\u2581", "")
+    assert squash([i for i, t in zip(ids, turn) if t == 0]) == "<s>" + system.replace(" ", "")
+    for k, (q, a) in enumerate(turns, 1):
+        assert squash([i for i, t in zip(ids, turn) if t == k]) == f"USER:{q}ASSISTANT:{a}</s>".replace(" ", "")
+        asked = [u for u, t in zip(user, turn) if t == k and u != IGNORE_INDEX]
+        assert squash(asked) == f"USER:{q}ASSISTANT:".replace(" ", "")
+    for l, u, t in zip(labels, user, turn):  # in a turn every token is an answer label or a user label, not both
+        assert (l == u == IGNORE_INDEX) if t == 0 else ((l == IGNORE_INDEX) != (u == IGNORE_INDEX))
 
 
 def test_tokenize_conversation_needs_single_eos_token():

@@ -44,6 +44,20 @@ def test_loss_falls(tmp_path):
     from connector import load_run
     vlm, tok, cfg = load_run(run)
     assert cfg["encoder"] == "vit" and tok.token_to_id("<s>") is not None
+    # the toy LLM's defaults: no system prompt, the question loss, isolated turns; the log keeps the answers' part
+    assert (cfg["system_prompt"], cfg["question_loss"], cfg["isolate_turns"]) == ("", 1.0, True)
+    assert all(r["answer_loss"] < r["loss"] for r in _log(run))
+
+
+def test_toy_and_vicuna_defaults_resolve():
+    a = train.parse_args([])
+    assert (a.system_prompt, a.question_loss, a.isolate_turns) == ("none", 1.0, "on")
+    a = train.parse_args(["--llm", "some/dir", "--data", "x.json"])
+    assert (a.system_prompt, a.question_loss, a.isolate_turns) == ("vicuna", 0.0, "off")
+    a = train.parse_args(["--system-prompt", "vicuna", "--question-loss", "0", "--isolate-turns", "off"])
+    assert (a.system_prompt, a.question_loss, a.isolate_turns) == ("vicuna", 0.0, "off")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--question-loss", "-1"])
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
@@ -142,6 +156,8 @@ def test_trains_from_real_formats(real_fixtures, tmp_path):
     from connector import load_run
     vlm, tok, cfg = load_run(str(tmp_path / "r"))
     assert cfg["llm_config"]["hidden_size"] == 64 and len(_log(str(tmp_path / "r"))) == 2
+    # a pretrained Vicuna keeps its template and the answers-only loss; LLaVA conversations stay whole
+    assert (cfg["system_prompt"], cfg["question_loss"], cfg["isolate_turns"]) == (llm.SYSTEM_PROMPT, 0.0, False)
 
 
 def test_bad_inputs_fail_with_one_clear_line(real_fixtures, tmp_path):
@@ -187,3 +203,18 @@ def test_matched_pretraining_learns_and_saves_the_official_container(tmp_path, k
     assert infos[40]["objective"] == "detect" and infos[40]["image_size"] == 64
     assert infos[40]["val_box_l1"] < 0.6 * infos[0]["val_box_l1"], infos
     assert infos[40]["val_acc"] > infos[0]["val_acc"] + 0.1, infos
+
+
+def test_prefetched_keeps_values_order_and_errors():
+    assert list(train.prefetched(lambda k: k * k, range(7))) == [k * k for k in range(7)]
+    assert list(train.prefetched(lambda k: k, [])) == []
+
+    def make(k):
+        if k == 3:
+            raise train.TrainError("bad image 3")
+        return k
+    got = []
+    with pytest.raises(train.TrainError, match="bad image 3"):
+        for v in train.prefetched(make, range(6)):
+            got.append(v)
+    assert got == [0, 1, 2]
