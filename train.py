@@ -135,22 +135,6 @@ def lr_factor(step, total, warmup):
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def prefetched(make, keys):
-    """Yield make(key) for each key in order, each one computed in a background thread while the caller works on
-    the previous one: drawing and preprocessing scenes is a large share of a pretraining step on a 2-core CPU.
-    The values and their order are exactly those of [make(k) for k in keys]; an error is raised where its value
-    would have been yielded."""
-    from concurrent.futures import ThreadPoolExecutor
-    keys = list(keys)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(make, keys[0]) if keys else None
-        for i in range(len(keys)):
-            value = nxt.result()
-            if i + 1 < len(keys):
-                nxt = pool.submit(make, keys[i + 1])
-            yield value
-
-
 def atomic_write(path, write):
     """write(tmp_path) then os.replace: readers see the old file or the new one, never half of one."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -276,9 +260,10 @@ def pretrain_encoder(kind, preset, args, path):
     enc.train()
     bar = tqdm(range(n), desc=f"pretrain {kind}", disable=int(os.environ.get("RANK", "0")) != 0,
                dynamic_ncols=True)
-    for step, (x, y, boxes) in zip(bar, prefetched(lambda k: batch("cls_train", k * bs, bs), range(n))):
+    for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, n, max(1, round(0.1 * n)))
+        x, y, boxes = batch("cls_train", step * bs, bs)
         ce, l1 = losses(predict(x), y, boxes)
         loss = ce + 10.0 * l1  # an L1 of 0.05 (a few pixels) weighs like a CE of 0.5
         opt.zero_grad(set_to_none=True)
@@ -575,19 +560,16 @@ def main(argv=None):
     if use_cache and feats is None:
         t0 = time.time()
         chunks, has_img = [], torch.ones(samples.n, dtype=torch.long)
-        def pixels(s):  # images s..s+31 -> (B, 3, S, S) and which of them exist
-            px, has = [], []
+        for s in range(0, samples.n, 32):
+            px = []
             for i in range(s, min(samples.n, s + 32)):
                 im = samples.image(i)
-                has.append(im is not None)  # text-only: zero patches, masked out
-                px.append(torch.zeros(3, args.image_size, args.image_size) if im is None else
-                          data.preprocess(im, args.geometry, args.image_size, mean, std)[0])
-            return torch.stack(px), has
-
-        starts = range(0, samples.n, 32)
-        for s, (px, has) in zip(starts, prefetched(pixels, starts)):
-            has_img[s: s + len(has)] = torch.tensor(has, dtype=torch.long)
-            chunks.append(vlm.encoder_features(px.to(device)).cpu())
+                if im is None:  # text-only: zero patches, masked out
+                    has_img[i] = 0
+                    px.append(torch.zeros(3, args.image_size, args.image_size))
+                else:
+                    px.append(data.preprocess(im, args.geometry, args.image_size, mean, std)[0])
+            chunks.append(vlm.encoder_features(torch.stack(px).to(device)).cpu())
         feats = torch.cat(chunks)  # (N, P, C)
         if disk and is_main:
             os.makedirs(os.path.dirname(disk), exist_ok=True)

@@ -204,17 +204,3 @@ def test_matched_pretraining_learns_and_saves_the_official_container(tmp_path, k
     assert infos[40]["val_box_l1"] < 0.6 * infos[0]["val_box_l1"], infos
     assert infos[40]["val_acc"] > infos[0]["val_acc"] + 0.1, infos
 
-
-def test_prefetched_keeps_values_order_and_errors():
-    assert list(train.prefetched(lambda k: k * k, range(7))) == [k * k for k in range(7)]
-    assert list(train.prefetched(lambda k: k, [])) == []
-
-    def make(k):
-        if k == 3:
-            raise train.TrainError("bad image 3")
-        return k
-    got = []
-    with pytest.raises(train.TrainError, match="bad image 3"):
-        for v in train.prefetched(make, range(6)):
-            got.append(v)
-    assert got == [0, 1, 2]
