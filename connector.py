@@ -217,7 +217,7 @@ class VLM(nn.Module):
             import llm as llm_mod
             iso, position_ids = llm_mod.turn_isolation(turn_ids)                   # (B, 1, L, L), (B, L)
             # and never a masked key: padding, or the zeroed image slots of a text-only row (every query still sees
-            # BOS, so no row of the mask is empty)
+            # BOS, so no row of the mask is empty). Positions still count those slots, unlike the plain path's.
             mask = iso & mask.bool()[:, None, None, :]                             # (B, 1, L, L)
         elif bool((mask[:, 1:] <= mask[:, :-1]).all()):
             # Only right padding: causal attention already keeps every real token from seeing the pads after it,
