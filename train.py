@@ -21,8 +21,10 @@ What happens, in order (one straight-line `main`):
 6. model.safetensors + config.json + tokenizer.json + log.jsonl + loss.png, then the held-out test-split table.
 
 Recipe (paper.md §2): lr 2e-5, global batch 128, 1 epoch for Vicuna-7B. The toy LLM starts from random weights,
-so its defaults (lr 1e-3, 9 epochs of the 2400 train scenes, up to 12 questions per conversation) are tuned for
-that scale and a 10-minute CPU budget; everything else is the paper's.
+so its defaults (lr 1e-3, batch 16, 13 epochs of the 2400 train scenes, up to 6 questions per conversation) are
+tuned for that scale and a 10-minute CPU budget, and it trains without Vicuna's system prompt, with a loss on the
+questions too and with the turns hidden from each other (--system-prompt, --question-loss, --isolate-turns; their
+auto defaults keep Vicuna's recipe whenever --llm is given); everything else is the paper's.
 
 Glossary: B micro-batch, T text tokens, P image tokens, C encoder width, D LLM width, G global batch (samples per
 optimizer step) = B * accum * world_size.
