@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import llm as llm_lib
+
 IGNORE_INDEX = -100  # the same value as llm.IGNORE_INDEX (HF / LLaVA convention); kept here so this file stands alone
 
 # ----------------------------------------------------------------------------- connectors (api.md)
@@ -214,8 +216,7 @@ class VLM(nn.Module):
         turn_ids = spread.pop(0) if turn_ids is not None else None                 # (B, L), image = prefix (0)
         position_ids = None
         if turn_ids is not None:
-            import llm as llm_mod
-            iso, position_ids = llm_mod.turn_isolation(turn_ids)                   # (B, 1, L, L), (B, L)
+            iso, position_ids = llm_lib.turn_isolation(turn_ids)                   # (B, 1, L, L), (B, L)
             # and never a masked key: padding, or the zeroed image slots of a text-only row (every query still sees
             # BOS, so no row of the mask is empty). Positions still count those slots, unlike the plain path's.
             mask = iso & mask.bool()[:, None, None, :]                             # (B, 1, L, L)
@@ -262,9 +263,8 @@ class VLM(nn.Module):
 
 def build_vlm(cfg):
     """A VLM with random weights from a run's resolved config dict (config.json)."""
-    import llm as llm_mod
     encoder = build_encoder(cfg["encoder"], cfg["encoder_config"])
-    model = llm_mod.Llama(llm_mod.LLMConfig(**cfg["llm_config"]))
+    model = llm_lib.Llama(llm_lib.LLMConfig(**cfg["llm_config"]))
     return VLM(encoder, model, cfg["encoder"], cfg["tap"], cfg["connector"])
 
 

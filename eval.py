@@ -558,7 +558,8 @@ def generate_answers(vlm, tokenizer, cfg, examples, batch_size=16, max_new_token
     eos = tokenizer.token_to_id("</s>")
     pad = tokenizer.token_to_id("<pad>")
     pad = eos if pad is None else pad
-    ids = [prompt_ids(tokenizer, ex["question"], system_prompt(cfg)) for ex in examples]
+    system = system_prompt(cfg)
+    ids = [prompt_ids(tokenizer, ex["question"], system) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(ids[i]))
     answers, frames = [None] * len(examples), [None] * len(examples)
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
@@ -827,12 +828,13 @@ def map_sharpness(vlm, tokenizer, cfg, examples, layer=None, keep=0):
     import data
     geometry, size, mean, std = image_settings(cfg)
     masses, areas, kept = [], [], []
+    system = system_prompt(cfg)
     for ex in examples:
         if ex["task"] != "ground" or not ex.get("expression"):
             continue
         x, frame = data.preprocess(_open_image(ex["image"]), geometry, size, mean, std)
         gt = data.project_box(ex["box"], frame)
-        sim = similarity_map(vlm, tokenizer, x, ex["question"], ex["expression"], layer, system_prompt(cfg))
+        sim = similarity_map(vlm, tokenizer, x, ex["question"], ex["expression"], layer, system)
         masses.append(mass_in_box(sim, gt))
         areas.append((gt[2] - gt[0]) * (gt[3] - gt[1]))
         if len(kept) < keep:

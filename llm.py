@@ -894,7 +894,7 @@ def tokenize_turns(tokenizer, turns, system: str = SYSTEM_PROMPT):
     span_i, turn = 0, 0
     for i, (a, b) in enumerate(offsets):
         if i == 0 or b <= a:  # BOS, and anything else the post-processor added (empty offsets)
-            turn_ids[i] = turn if i else 0
+            turn_ids[i] = turn
             continue
         while turn < len(starts) and b > starts[turn]:  # a token reaching into turn k's text belongs to turn k
             turn += 1

@@ -668,8 +668,9 @@ def main(argv=None):
             for m in fsdp_modules:  # reduce-scatter gradients only on the last micro-step
                 m.set_requires_gradient_sync(micro == args.accum - 1)
             with amp:
-                out = vlm(input_ids=ids, attention_mask=mask, labels=labels, user_labels=user_labels,
-                          user_loss=args.question_loss, turn_ids=turn_ids if cfg["isolate_turns"] else None, **kw)
+                out = vlm(input_ids=ids, attention_mask=mask, labels=labels,
+                          user_labels=user_labels if args.question_loss > 0 else None, user_loss=args.question_loss,
+                          turn_ids=turn_ids if cfg["isolate_turns"] else None, **kw)
             loss = out["loss"]
             if args.debug_nan_at_step == step:
                 loss = loss * float("nan")
