@@ -305,6 +305,10 @@ def test_turn_isolation_gives_each_turn_its_logits_alone(tiny):
     torch.testing.assert_close(packed[:9], alone1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[9:15], alone2[5:], atol=1e-5, rtol=1e-5)
     assert (plain[9:15] - alone2[5:]).abs().max() > 1e-3  # without the mask turn 2 sees turn 1
+    eager = Llama(dataclasses.replace(TINY, attn_impl="eager")).eval()  # the reference attention takes the mask too
+    eager.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(eager(row, attention_mask=mask, position_ids=pos)[0], packed, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="4-D attention_mask must be bool"):
         tiny(row, attention_mask=mask.float(), position_ids=pos)
     with pytest.raises(ValueError, match="position_ids must be"):
