@@ -16,8 +16,9 @@ Everything a VLM sample needs to be reproduced is here, without a model:
   (`patch_targets`, the toy stand-in for detection pretraining) or single-object classification (ImageNet-1K's).
   Every scene is a pure function of (world seed, split, index): fixed splits, the test split is never trained on.
 - `load_llava(path, image_root)`: LLaVA-v1.5 JSON (e.g. llava_v1_5_mix665k.json) -> validated records.
-- `build_tokenizer(texts)`: a small Llama-like BPE (`tokenizers`) with <unk> <s> </s> <pad>, digits split one by
-  one, BOS prepended, and decode(encode(s)) == s for the world's text (so eval's parse_box can read the boxes).
+- `build_tokenizer(texts)`: a small Llama-like BPE (`tokenizers`) with <unk> <s> </s> <pad>, BOS prepended, and
+  decode(encode(s)) == s for the world's text (so eval's parse_box can read the boxes). Each of the 101 box values
+  "0.0" ... "1.0" is one token (`COORD_TOKENS`); other digits are split one by one, as Llama splits them.
 
 This file imports no model code; train.py turns records into token ids with llm.tokenize_turns.
 
@@ -350,15 +351,21 @@ def world_texts():
 # ----------------------------------------------------------------------------- toy tokenizer
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama's order for the first three
+COORD_TOKENS = tuple(repr(round(i / 100, 2)) for i in range(101))  # "0.0", "0.01", ..., "0.99", "1.0": format_box's
 
 
-def build_tokenizer(texts, vocab_size=400):
+def build_tokenizer(texts, vocab_size=400, coord_tokens=True):
     """A Llama-like BPE trained on `texts`: '▁' marks word starts, every digit is its own token, <s> prepended.
 
+    coord_tokens=True adds the 101 values a box coordinate can take ("0.0" ... "1.0", COORD_TOKENS) as whole
+    tokens, so the toy LLM writes a box as 4 choices among 101 values instead of 4 chains of digits (the location
+    tokens of Pix2Seq / OFA / Kosmos-2, but spelled as the same text, so the answer string stays LLaVA's). The toy
+    Llama grounds among several objects much better that way (README, "train"); Llama's own tokenizer (`--llm`)
+    has no such tokens and writes "0.37" digit by digit.
     Deterministic for a given corpus. The alphabet is all printable ASCII, so any English prompt round-trips
     (decode(encode(s)) == s for text with single spaces); unseen words just split into more pieces.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # Metaspace splits at spaces and marks word starts like sentencepiece. Punctuation then cuts "circle?" and
@@ -376,6 +383,8 @@ def build_tokenizer(texts, vocab_size=400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    if coord_tokens:  # matched in the raw text before the pre-tokenizer, longest first, only as a whole word
+        tok.add_tokens([AddedToken(t, single_word=True) for t in COORD_TOKENS])  # (so "10.5" stays 1 0 . 5)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])

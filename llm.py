@@ -136,7 +136,7 @@ CONFIGS = _Presets(
                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
     # the CPU default (4.29M parameters, 4.10M of them in the two vocab matrices); train.py swaps vocab_size for
-    # the shapes world's ~325-token BPE (0.24M then). Width 64 rather than 128: on a 2-core CPU the narrower model
+    # the shapes world's 426-token BPE (0.25M then). Width 64 rather than 128: on a 2-core CPU the narrower model
     # takes about twice the optimizer steps in the same minutes and learns about as much per step, so it grounds
     # better for it (README, "train"). Head dim 32, as at width 128.
     toy=LLMConfig(vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=4,

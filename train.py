@@ -10,7 +10,8 @@ Train the VLM: frozen encoder (ViT or VMamba) -> MLP connector -> Llama, the pap
         --data llava_v1_5_mix665k.json --image-root data/ --epochs 1 --batch 16 --global-batch 128 --lr 2e-5
 
 What happens, in order (one straight-line `main`):
-1. the tokenizer and the LLM: `--llm DIR` (HF format) or the toy Llama with a BPE fitted to the shapes world;
+1. the tokenizer and the LLM: `--llm DIR` (HF format) or the toy Llama with a BPE fitted to the shapes world (each
+   box value "0.0" ... "1.0" one token, --coord-tokens);
 2. the frozen encoder: `--encoder-ckpt FILE` (official container) or the matched pretraining on the shapes world's
    pretraining split (dense classification + box regression by default, see pretrain_encoder; same recipe and
    step budget for both encoders; cached under runs/encoders/);
@@ -86,6 +87,9 @@ def parse_args(argv=None):
     a("--isolate-turns", choices=("auto", "on", "off"), default="auto",
       help="on: each turn sees the image (and system prompt) but not the other turns, i.e. single-turn samples "
            "sharing an image; auto = on for the shapes world, off for --data")
+    a("--coord-tokens", choices=("auto", "on", "off"), default="auto",
+      help="toy tokenizer: on = each box value 0.0 ... 1.0 is one token; off = digit by digit, as Llama's tokenizer "
+           "writes them; auto = on for the toy LLM, off with --llm (its own tokenizer)")
     a("--train-images", type=int, default=None, help="shapes world: train scenes (default: the world's)")
     a("--eval-images", type=int, default=100, help="shapes world: test scenes scored at the end (0 = no eval)")
     a("--pretrain-steps", type=int, default=600, help="matched encoder pretraining steps (0 = random frozen)")
@@ -115,6 +119,10 @@ def parse_args(argv=None):
         p.error(f"--question-loss must be >= 0, got {args.question_loss}")
     if args.isolate_turns == "auto":
         args.isolate_turns = "off" if args.data else "on"
+    if args.coord_tokens == "auto":
+        args.coord_tokens = "on" if toy else "off"
+    if not toy and args.coord_tokens == "on":
+        p.error("--coord-tokens on: --llm uses the model's own tokenizer, which has no coordinate tokens")
     return args
 
 
@@ -499,7 +507,8 @@ def main(argv=None):
         model = llm_lib.Llama.from_pretrained(args.llm, dtype=torch.float32 if not dist_on else dtype)
         model.train()
     else:
-        tok = data.build_tokenizer(data.world_texts() + [llm_lib.SYSTEM_PROMPT, llm_lib.prompt_text("?")])
+        tok = data.build_tokenizer(data.world_texts() + [llm_lib.SYSTEM_PROMPT, llm_lib.prompt_text("?")],
+                                   coord_tokens=args.coord_tokens == "on")
         model = llm_lib.Llama(replace(llm_lib.CONFIGS["toy"], vocab_size=tok.get_vocab_size(),
                                       bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
                                       pad_token_id=tok.token_to_id("<pad>")))
@@ -535,7 +544,7 @@ def main(argv=None):
                mean=list(mean), std=list(std), seed=args.seed, batch=args.batch, accum=args.accum,
                world_size=world_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                clip=args.clip, turns=args.turns, data=args.data, isolate_turns=args.isolate_turns == "on",
-               question_loss=args.question_loss,
+               question_loss=args.question_loss, coord_tokens=args.coord_tokens == "on",
                system_prompt=llm_lib.SYSTEM_PROMPT if args.system_prompt == "vicuna" else "")
 
     # ---- 3. data
@@ -617,7 +626,8 @@ def main(argv=None):
             raise TrainError(f"--resume: no checkpoint in {run_dir}/ckpt (nothing to resume)")
         step, old = load_checkpoint(ck, vlm, opt, dist_on)
         changed = [k for k in ("encoder", "connector", "geometry", "image_size", "seed", "batch", "accum",
-                               "world_size", "steps", "lr", "system_prompt", "question_loss", "isolate_turns")
+                               "world_size", "steps", "lr", "system_prompt", "question_loss", "isolate_turns",
+                               "coord_tokens")
                    if old.get(k) != cfg.get(k)]
         if changed:
             raise TrainError(f"--resume: {ck} was written with different settings: "

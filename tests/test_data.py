@@ -63,16 +63,23 @@ def test_projected_box_lands_on_the_object_pixels(geometry):
         assert frame["pad_x"] == frame["pad_y"] == 0           # top-left anchored
 
 
-def test_tokenizer_round_trips_and_splits_digits():
-    tok = data.build_tokenizer(data.world_texts() + ["A chat. USER: ASSISTANT:"])
+@pytest.mark.parametrize("coord_tokens", [True, False])
+def test_tokenizer_round_trips_and_splits_digits(coord_tokens):
+    tok = data.build_tokenizer(data.world_texts() + ["A chat. USER: ASSISTANT:"], coord_tokens=coord_tokens)
     for name in data.SPECIAL_TOKENS:
         assert tok.token_to_id(name) is not None
     for s in ["[0.28, 0.34, 0.4, 0.71]", data.GROUND_PROMPT.format("the red circle"), "yes", "3",
-              "Is the blue square to the left of the green triangle?", "Something never seen: xyz 42!"]:
+              "Is the blue square to the left of the green triangle?", "Something never seen: xyz 42!",
+              "[0.0, 0.1, 0.05, 1.0]", "1.05 10.5 x0.5 0.10"]:
         enc = tok.encode(s)
         assert enc.ids[0] == tok.token_to_id("<s>")
         assert tok.decode(enc.ids) == s
-    toks = tok.encode("[0.1234, 0.5, 0.6, 0.7]").tokens
+    toks = tok.encode("[0.28, 0.4, 0.05, 1.0]").tokens
+    coords = [t for t in toks if any(c.isdigit() for c in t)]
+    # a box value is one token with coord_tokens, else one token per digit (the point is its own token)
+    assert coords == (["0.28", "0.4", "0.05", "1.0"] if coord_tokens else list("0280400510")), toks
+    # anything that is not a whole 2-decimal box value is split into digits either way
+    toks = tok.encode("0.1234 10.5 x0.5 0.10").tokens
     assert all(len(t) == 1 for t in toks if any(c.isdigit() for c in t)), toks
     # a word is one token whatever punctuation follows it: "circle?" and 'circle"' both hold the token "▁circle"
     for s in ("Is there a red circle?", data.GROUND_PROMPT.format("the red circle"), "the red circle to the left"):

@@ -46,18 +46,22 @@ def test_loss_falls(tmp_path):
     assert cfg["encoder"] == "vit" and tok.token_to_id("<s>") is not None
     # the toy LLM's defaults: no system prompt, the question loss, isolated turns; the log keeps the answers' part
     assert (cfg["system_prompt"], cfg["question_loss"], cfg["isolate_turns"]) == ("", 1.0, True)
+    assert cfg["coord_tokens"] and tok.encode("[0.12, 0.5, 0.07, 1.0]").tokens.count("0.12") == 1
     assert all(r["answer_loss"] < r["loss"] for r in _log(run))
 
 
 def test_toy_and_vicuna_defaults_resolve():
     a = train.parse_args([])
-    assert (a.system_prompt, a.question_loss, a.isolate_turns) == ("none", 1.0, "on")
+    assert (a.system_prompt, a.question_loss, a.isolate_turns, a.coord_tokens) == ("none", 1.0, "on", "on")
     a = train.parse_args(["--llm", "some/dir", "--data", "x.json"])
-    assert (a.system_prompt, a.question_loss, a.isolate_turns) == ("vicuna", 0.0, "off")
-    a = train.parse_args(["--system-prompt", "vicuna", "--question-loss", "0", "--isolate-turns", "off"])
-    assert (a.system_prompt, a.question_loss, a.isolate_turns) == ("vicuna", 0.0, "off")
+    assert (a.system_prompt, a.question_loss, a.isolate_turns, a.coord_tokens) == ("vicuna", 0.0, "off", "off")
+    a = train.parse_args(["--system-prompt", "vicuna", "--question-loss", "0", "--isolate-turns", "off",
+                          "--coord-tokens", "off"])
+    assert (a.system_prompt, a.question_loss, a.isolate_turns, a.coord_tokens) == ("vicuna", 0.0, "off", "off")
     with pytest.raises(SystemExit):
         train.parse_args(["--question-loss", "-1"])
+    with pytest.raises(SystemExit):  # Vicuna's tokenizer has no coordinate tokens to turn on
+        train.parse_args(["--llm", "some/dir", "--coord-tokens", "on"])
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
@@ -158,6 +162,7 @@ def test_trains_from_real_formats(real_fixtures, tmp_path):
     assert cfg["llm_config"]["hidden_size"] == 64 and len(_log(str(tmp_path / "r"))) == 2
     # a pretrained Vicuna keeps its template and the answers-only loss; LLaVA conversations stay whole
     assert (cfg["system_prompt"], cfg["question_loss"], cfg["isolate_turns"]) == (llm.SYSTEM_PROMPT, 0.0, False)
+    assert not cfg["coord_tokens"]
 
 
 def test_bad_inputs_fail_with_one_clear_line(real_fixtures, tmp_path):
