@@ -22,7 +22,7 @@ What happens, in order (one straight-line `main`):
 6. model.safetensors + config.json + tokenizer.json + log.jsonl + loss.png, then the held-out test-split table.
 
 Recipe (paper.md §2): lr 2e-5, global batch 128, 1 epoch for Vicuna-7B. The toy LLM starts from random weights,
-so its defaults (lr 1e-3, batch 16, 13 epochs of the 2400 train scenes, up to 6 questions per conversation) are
+so its defaults (lr 1e-3, batch 16, 18 epochs of the 2400 train scenes, up to 6 questions per conversation) are
 tuned for that scale and a 10-minute CPU budget, and it trains without Vicuna's system prompt, with a loss on the
 questions too and with the turns hidden from each other (--system-prompt, --question-loss, --isolate-turns; their
 auto defaults keep Vicuna's recipe whenever --llm is given); everything else is the paper's.
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     a("--skip-missing-images", action="store_true", help="skip (and count) entries whose image is missing")
     a("--out", default=None, help="run directory (default runs/<encoder>)")
     a("--seed", type=int, default=0)
-    a("--epochs", type=float, default=13.0)
+    a("--epochs", type=float, default=18.0)
     a("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     a("--batch", type=int, default=16, help="micro-batch per process")
     a("--accum", type=int, default=1, help="gradient accumulation steps")
