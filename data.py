@@ -355,7 +355,7 @@ COORD_TOKENS = tuple(repr(round(i / 100, 2)) for i in range(101))  # "0.0", "0.0
 
 
 def build_tokenizer(texts, vocab_size=400, coord_tokens=True):
-    """A Llama-like BPE trained on `texts`: '▁' marks word starts, every digit is its own token, <s> prepended.
+    """A Llama-like BPE trained on `texts`: '▁' marks word starts, digits are single tokens, <s> prepended.
 
     coord_tokens=True adds the 101 values a box coordinate can take ("0.0" ... "1.0", COORD_TOKENS) as whole
     tokens, so the toy LLM writes a box as 4 choices among 101 values instead of 4 chains of digits (the location

@@ -624,7 +624,8 @@ def main(argv=None):
         ck = latest_checkpoint(run_dir)
         if ck is None:
             raise TrainError(f"--resume: no checkpoint in {run_dir}/ckpt (nothing to resume)")
-        step, old = load_checkpoint(ck, vlm, opt, dist_on)
+        with open(os.path.join(ck, "state.json")) as f:  # the settings first: a changed vocabulary (coord_tokens)
+            old = json.load(f)["config"]                   # would otherwise surface as mis-shaped weights
         changed = [k for k in ("encoder", "connector", "geometry", "image_size", "seed", "batch", "accum",
                                "world_size", "steps", "lr", "system_prompt", "question_loss", "isolate_turns",
                                "coord_tokens")
@@ -632,6 +633,7 @@ def main(argv=None):
         if changed:
             raise TrainError(f"--resume: {ck} was written with different settings: "
                              + ", ".join(f"{k} {old.get(k)!r} -> {cfg.get(k)!r}" for k in changed))
+        step, _ = load_checkpoint(ck, vlm, opt, dist_on)
         print0(f"resumed from {ck} at step {step}/{total}")
         losses = []
         if os.path.isfile(log_path):  # keep the log of the steps before the checkpoint, drop the rest

@@ -96,6 +96,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(run, "model.safetensors"))
 
 
+def test_resume_with_changed_settings_says_which(tmp_path):
+    run = str(tmp_path / "r")
+    assert _cli(TINY + ["--steps", "2", "--ckpt-every", "2", "--out", run]).returncode == 0
+    # another vocabulary (no coordinate tokens) and another lr: named in one line, before any weight is loaded
+    r = _cli(TINY + ["--steps", "2", "--out", run, "--resume", "--coord-tokens", "off", "--lr", "5e-4"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "lr 0.001 -> 0.0005" in r.stderr and "coord_tokens True -> False" in r.stderr, r.stderr
+
+
 def test_torchrun_fsdp2_two_processes(tmp_path):
     run = str(tmp_path / "r")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
