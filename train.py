@@ -24,8 +24,9 @@ What happens, in order (one straight-line `main`):
 Recipe (paper.md §2): lr 2e-5, global batch 128, 1 epoch for Vicuna-7B. The toy LLM starts from random weights,
 so its defaults (lr 1e-3, batch 16, 18 epochs of the 2400 train scenes, up to 6 questions per conversation) are
 tuned for that scale and a 10-minute CPU budget, and it trains without Vicuna's system prompt, with a loss on the
-questions too and with the turns hidden from each other (--system-prompt, --question-loss, --isolate-turns; their
-auto defaults keep Vicuna's recipe whenever --llm is given); everything else is the paper's.
+questions too, with the turns hidden from each other and with one token per box value (--system-prompt,
+--question-loss, --isolate-turns, --coord-tokens; their auto defaults keep Vicuna's recipe and tokenizer whenever
+--llm is given); everything else is the paper's.
 
 Glossary: B micro-batch, T text tokens, P image tokens, C encoder width, D LLM width, G global batch (samples per
 optimizer step) = B * accum * world_size.
@@ -107,9 +108,10 @@ def parse_args(argv=None):
     a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests the NaN guard
     args = p.parse_args(argv)
     args.pretrain_size = args.pretrain_size or args.image_size  # resolved once: pretraining and its cache name
-    # The toy LLM starts from random weights, and three things set it apart from Vicuna (README, "train"): no system
+    # The toy LLM starts from random weights, and four things set it apart from Vicuna (README, "train"): no system
     # prompt (30 constant tokens before each question delay learning to find the named object), a language-model
-    # loss on the questions too, and isolated turns (no earlier turn to copy from or to confuse with the current one).
+    # loss on the questions too, isolated turns (no earlier turn to copy from or to confuse with the current one),
+    # and coordinate tokens in its tokenizer (a box is four choices of a value, not four chains of digits).
     toy = args.llm is None
     if args.system_prompt == "auto":
         args.system_prompt = "none" if toy else "vicuna"
